@@ -1,0 +1,169 @@
+"""Settings: pydantic-settings models with the ``ZVT_`` prefix, one per component.
+
+Every field has a description and bounds; ``docs/configuration.md`` is generated from the
+registered models (``python -m services.core.settings > docs/configuration.md``) and a test
+keeps it current. ``load`` turns an invalid value into one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["BusSettings", "CoreSettings", "SettingsError", "load", "register", "registered"]
+
+S = TypeVar("S", bound=BaseSettings)
+
+_REGISTRY: list[type[BaseSettings]] = []
+
+
+def register(cls: type[S]) -> type[S]:
+    """Add a settings model to the documented table."""
+    _REGISTRY.append(cls)
+    return cls
+
+
+def registered() -> list[type[BaseSettings]]:
+    return list(_REGISTRY)
+
+
+class SettingsError(SystemExit):
+    """An invalid setting: carries the one line printed at start-up, and exits with 2."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def load(cls: type[S], **overrides: Any) -> S:
+    """Build settings from the environment, or raise ``SettingsError`` with one clear line."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        prefix = cls.model_config.get("env_prefix", "")
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SettingsError(f"invalid setting {prefix}{field.upper()}: {err['msg']}{shown}{more}") from None
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+@register
+class CoreSettings(BaseSettings):
+    """Settings every service process shares."""
+
+    model_config = SettingsConfigDict(env_prefix="ZVT_", extra="ignore", frozen=True)
+
+    service: str = Field("zvt", min_length=1, max_length=64, description="Service name in logs, metrics and traces.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6390/0",
+        pattern=r"^rediss?://",
+        description="Redis to use; for a cluster, the address of any one node.",
+    )
+    redis_cluster: bool = Field(False, description="Treat `ZVT_REDIS_URL` as a Redis Cluster node.")
+    redis_timeout_s: float = Field(5.0, gt=0, le=60, description="Socket timeout for Redis commands, seconds.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
+    log_format: Literal["json", "console"] = Field("json", description="`json` for machines, `console` for people.")
+    http_host: str = Field("127.0.0.1", description="Address of the health and metrics endpoint; `0.0.0.0` in a pod.")
+    http_port: int = Field(
+        8081, ge=0, le=65535, description="Port of `/healthz`, `/readyz` and `/metrics`; 0 picks a free one."
+    )
+    otel_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint (e.g. `http://collector:4318/v1/traces`); unset: no export."
+    )
+    otel_sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of new traces sampled (parent-based).")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, le=600, description="On SIGTERM, how long to finish the batches in hand before exiting."
+    )
+
+
+@register
+class BusSettings(BaseSettings):
+    """The Redis Streams bus: sharding, batching, redelivery, dead letters, retention."""
+
+    model_config = SettingsConfigDict(env_prefix="ZVT_BUS_", extra="ignore", frozen=True)
+
+    namespace: str = Field(
+        "zvt", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="Prefix of every stream and state key."
+    )
+    shards: int = Field(16, ge=1, le=4096, description="Shards per event type; a deploy-time constant like partitions.")
+    batch_size: int = Field(256, ge=1, le=10_000, description="Entries read per shard per read (COUNT).")
+    block_ms: int = Field(
+        500, ge=1, le=30_000, description="How long a read waits for new entries; also bounds how fast a stop is seen."
+    )
+    max_deliveries: int = Field(
+        5, ge=1, le=1000, description="Deliveries after which a failing entry moves to the dead-letter stream."
+    )
+    reclaim_idle_ms: int = Field(
+        30_000,
+        ge=10,
+        le=3_600_000,
+        description="Idle time after which another consumer's pending entry is reclaimed; above the worst handling time.",
+    )
+    reclaim_interval_ms: int = Field(5_000, ge=10, le=3_600_000, description="How often pending entries are checked.")
+    dedupe_ttl_s: int = Field(
+        86_400, ge=1, le=30 * 86_400, description="How long a consumer group remembers event ids it has processed."
+    )
+    precheck_duplicates: bool = Field(
+        True, description="Drop already-processed event ids before calling handlers, not only at commit."
+    )
+    retention_s: int = Field(
+        3_600, ge=0, le=90 * 86_400, description="Entries younger than this are kept even once persisted."
+    )
+    must_persist_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["recorder"],
+        description="Comma-separated groups whose unacknowledged entries are never trimmed.",
+    )
+    trim_interval_s: float = Field(30.0, ge=0, le=86_400, description="How often streams are trimmed; 0 turns it off.")
+    lag_interval_s: float = Field(5.0, gt=0, le=3600, description="How often consumer-group lag is measured.")
+
+    @field_validator("must_persist_groups", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+
+def markdown() -> str:
+    """The configuration table of every registered model."""
+    lines = ["# Configuration", "", "Every setting is an environment variable. Generated by", ""]
+    lines += ["    python -m services.core.settings > docs/configuration.md", ""]
+    lines += ["Invalid values stop the process at start with one line naming the variable.", ""]
+    for cls in _REGISTRY:
+        prefix = cls.model_config.get("env_prefix", "")
+        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), ""]
+        lines += ["| variable | type | default | bounds | description |", "|---|---|---|---|---|"]
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, list):
+                default = ",".join(default)
+            bounds = ", ".join(
+                f"{op} {getattr(m, attr)}"
+                for m in info.metadata
+                for attr, op in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "len ≥"), ("max_length", "len ≤"))
+                if getattr(m, attr, None) is not None
+            )
+            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            lines.append(
+                f"| `{prefix}{name.upper()}` | {annotation} | `{default}` | {bounds} | {info.description or ''} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import services.core.runtime  # noqa: F401  (imports register every core model)
+
+    sys.stdout.write(markdown())
