@@ -517,14 +517,19 @@ class Consumer:
                 continue
             todo.append((entry, event))
 
-        if todo and settings.precheck_duplicates:
-            seen = await self._seen(shard, [event.event_id for _, event in todo])
-            fresh = []
+        if todo:
+            seen = (
+                await self._seen(shard, [event.event_id for _, event in todo])
+                if settings.precheck_duplicates
+                else [0] * len(todo)
+            )
+            fresh, batch_ids = [], set()
             for item, was_seen in zip(todo, seen, strict=True):
-                if was_seen:
+                if was_seen or item[1].event_id in batch_ids:
                     args += ("A", item[0].stream, item[0].entry_id)
                     out.duplicate += 1
                 else:
+                    batch_ids.add(item[1].event_id)
                     fresh.append(item)
             todo = fresh
 

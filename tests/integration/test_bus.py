@@ -1,0 +1,288 @@
+"""The bus against real Redis, single node and cluster: delivery, acks, duplicates, dead
+letters, routes, lag and trimming."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from services.core.bus import Bus, Commit, Consumer, PermanentError
+from services.core.codec import decode_any, encode
+from services.core.events import Event, EventType, OrderValidated, Route
+from services.core.redisconn import AnyRedis
+from services.core.settings import BusSettings
+from tests.integration.conftest import eventually, order, stream_total
+from tests.integration.echo_service import handle as echo
+
+
+class Recorder:
+    """A handler that remembers what it saw and re-emits like the echo service."""
+
+    def __init__(self, fail_for: set[str] | None = None, permanent: bool = False) -> None:
+        self.seen: list[str] = []
+        self.fail_for = fail_for or set()
+        self.permanent = permanent
+
+    async def __call__(self, event: Event[Any], commit: Commit) -> None:
+        self.seen.append(event.event_id)
+        if event.payload.order_id in self.fail_for:
+            raise (PermanentError if self.permanent else RuntimeError)(f"cannot handle {event.payload.order_id}")
+        await echo(event, commit)
+
+
+async def run_until(consumer: Consumer, check: Callable[[], Any], timeout: float = 20) -> None:
+    await consumer.start()
+    try:
+        async def done() -> bool:
+            result = check()
+            return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+        await eventually(done, timeout)
+    finally:
+        consumer.stop()
+        assert await consumer.wait(10)
+
+
+async def test_consumer_when_events_published_handles_each_once_and_never_redelivers(
+    redis: AnyRedis, bus: Bus
+) -> None:
+    events = [order(i) for i in range(400)]
+    await bus.publish_many(events)
+    handler = Recorder()
+    consumer = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: handler})
+    await run_until(consumer, lambda: len(handler.seen) >= 400)
+
+    assert sorted(handler.seen) == sorted(e.event_id for e in events)
+    assert await stream_total(redis, bus, EventType.ORDER_VALIDATED) == 400
+    assert await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+
+    # A new member of the same group, reading and reclaiming for a while, gets nothing again.
+    again = Recorder()
+    second = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: again})
+    await second.start()
+    await asyncio.sleep(0.5)
+    assert await second.reclaim() == 0
+    second.stop()
+    assert await second.wait(5)
+    assert again.seen == []
+
+
+async def test_consumer_when_events_spread_uses_every_shard(redis: AnyRedis, bus: Bus) -> None:
+    await bus.publish_many([order(i) for i in range(200)])
+    lengths = [await redis.xlen(bus.keys.stream(s, EventType.ORDER_REQUESTED)) for s in range(bus.keys.shards)]
+    assert sum(lengths) == 200
+    assert all(n > 0 for n in lengths), lengths
+
+
+@pytest.mark.parametrize("precheck", [True, False], ids=["precheck", "commit-only"])
+async def test_consumer_when_same_event_id_reemitted_drops_the_duplicate(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings], precheck: bool
+) -> None:
+    bus = Bus(redis, bus_settings(precheck_duplicates=precheck))
+    first = order(1)
+    derived = first.derive(first.payload, "gateway")
+    again = derived.derive(derived.payload, "replay")
+    # The same derived id published twice, as a stage that crashed after emitting would.
+    copy = Event.new(derived.payload, portfolio_id=derived.portfolio_id, event_id=derived.event_id)
+    handler = Recorder()
+    consumer = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: handler})
+    await consumer.start()
+    try:
+        await bus.publish_many([derived, copy])  # a copy in the same batch
+        await eventually(lambda: _outputs(redis, bus, 1))
+        await bus.publish(copy)  # and a copy long after the first was committed
+        await bus.publish(again)
+        # All share a portfolio, so one shard: once the last is handled, so is the copy.
+        await eventually(lambda: _true(again.event_id in handler.seen))
+    finally:
+        consumer.stop()
+        assert await consumer.wait(10)
+
+    assert await stream_total(redis, bus, EventType.ORDER_VALIDATED) == 2
+    assert await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+    if precheck:  # dropped before the handler runs
+        assert handler.seen == [derived.event_id, again.event_id]
+    else:  # the handler runs again, but its commit is dropped
+        assert handler.seen == [derived.event_id, derived.event_id, again.event_id]
+
+
+async def _outputs(redis: AnyRedis, bus: Bus, n: int) -> bool:
+    return await stream_total(redis, bus, EventType.ORDER_VALIDATED) >= n
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _drained(bus: Bus) -> bool:
+    return await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+
+
+async def test_consumer_when_entries_are_poison_dead_letters_them_with_reasons_and_keeps_going(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    bus = Bus(redis, bus_settings(max_deliveries=3))
+    good = order(1, portfolio="pf-poison")
+    shard = bus.keys.shard_of("pf-poison")
+    stream = bus.keys.stream(shard, EventType.ORDER_REQUESTED)
+    raw = encode(good)
+    await redis.xadd(stream, {b"d": b"not json at all"})
+    await redis.xadd(stream, {b"x": b"no data field"})
+    await redis.xadd(stream, {b"d": raw.replace(b'"order.requested"', b'"order.teleported"')})
+    await redis.xadd(stream, {b"d": raw.replace(b'"version":"1.0"', b'"version":"2.0"')})
+    await redis.xadd(stream, {b"d": raw.replace(b'"quantity":"0.5"', b'"quantity":"lots"')})
+    always_fails = order(666, portfolio="pf-poison")
+    rejected = order(667, portfolio="pf-poison")
+    await bus.publish_many([always_fails, good])
+    handler = Recorder(fail_for={"o666"})
+    consumer = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: handler})
+    await run_until(consumer, lambda: _dead_count(bus, shard, 6), timeout=30)
+
+    letters = {d.reason: d for d in await bus.dead_letters(shard)}
+    reasons = sorted(d.reason for d in await bus.dead_letters(shard))
+    assert reasons == sorted(
+        ["malformed", "malformed", "unknown_event_type", "unsupported_version", "invalid_payload", "handler_error"]
+    )
+    failing = letters["handler_error"]
+    assert failing.deliveries == 3
+    assert "cannot handle o666" in failing.error
+    assert failing.group == "echo" and failing.stream == stream
+    assert decode_any(failing.data).event_id == always_fails.event_id
+    assert handler.seen.count(always_fails.event_id) == 3
+    assert good.event_id in handler.seen  # the consumer kept going
+    assert await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+
+    # A handler's PermanentError dead-letters at once, without retries.
+    permanent = Recorder(fail_for={"o667"}, permanent=True)
+    await bus.publish(rejected)
+    await run_until(Consumer(bus, "echo", {EventType.ORDER_REQUESTED: permanent}), lambda: _dead_count(bus, shard, 7))
+    assert permanent.seen == [rejected.event_id]
+    assert (await bus.dead_letters(shard))[-1].reason == "rejected_by_handler"
+
+
+async def _dead_count(bus: Bus, shard: int, n: int) -> bool:
+    return len(await bus.dead_letters(shard)) >= n
+
+
+async def test_consumer_when_handler_fails_then_recovers_retries_until_success(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    bus = Bus(redis, bus_settings(max_deliveries=5))
+    event = order(5)
+    attempts: list[int] = []
+
+    async def flaky(ev: Event[Any], commit: Commit) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("venue hiccup")
+        await echo(ev, commit)
+
+    await bus.publish(event)
+    await run_until(Consumer(bus, "echo", {EventType.ORDER_REQUESTED: flaky}), lambda: _drained(bus))
+    assert len(attempts) == 3
+    assert await stream_total(redis, bus, EventType.ORDER_VALIDATED) == 1
+    assert await bus.dead_letters() == []
+    errors = await redis.hgetall(bus.keys.errors(bus.keys.shard_of(event.portfolio_id), "echo"))
+    assert errors == {}  # the success forgot the earlier failures
+
+
+async def test_consumer_when_event_is_workflow_routed_skips_it_but_observers_see_it(
+    redis: AnyRedis, bus: Bus
+) -> None:
+    stream_event = order(1)
+    workflow_event = order(2, route=Route.WORKFLOW)
+    await bus.publish_many([stream_event, workflow_event])
+    stage, observer = Recorder(), Recorder()
+    await run_until(Consumer(bus, "echo", {EventType.ORDER_REQUESTED: stage}), lambda: _drained(bus))
+    await run_until(
+        Consumer(bus, "observer", {EventType.ORDER_REQUESTED: observer}, routes=frozenset(Route)),
+        lambda: len(observer.seen) >= 2,
+    )
+    assert stage.seen == [stream_event.event_id]
+    assert sorted(observer.seen) == sorted([stream_event.event_id, workflow_event.event_id])
+
+
+async def test_commit_when_output_belongs_to_another_shard_publishes_it_there(redis: AnyRedis, bus: Bus) -> None:
+    source = order(1, portfolio="pf-a")
+    other = next(f"pf-{i}" for i in range(100) if bus.keys.shard_of(f"pf-{i}") != bus.keys.shard_of("pf-a"))
+
+    async def cross(ev: Event[Any], commit: Commit) -> None:
+        p = ev.payload
+        commit.emit(ev.derive(OrderValidated(
+            order_id=p.order_id, client_order_id=p.client_order_id, symbol=p.symbol, side=p.side,
+            order_type=p.order_type, quantity=p.quantity), "cross", portfolio_id=other))
+
+    await bus.publish(source)
+    await run_until(Consumer(bus, "echo", {EventType.ORDER_REQUESTED: cross}), lambda: _drained(bus))
+    entries = await redis.xrange(bus.keys.stream(bus.keys.shard_of(other), EventType.ORDER_VALIDATED))
+    assert len(entries) == 1
+    assert decode_any(entries[0][1][b"d"]).causation_id == source.event_id
+
+
+async def test_backlog_when_group_has_not_read_counts_every_entry(redis: AnyRedis, bus: Bus) -> None:
+    await bus.ensure_group("slow", [EventType.ORDER_REQUESTED])
+    await bus.publish_many([order(i) for i in range(120)])
+    assert await bus.backlog("slow", [EventType.ORDER_REQUESTED]) == 120
+    lags = await bus.group_lag("slow", [EventType.ORDER_REQUESTED])
+    assert sum(lag for lag, _ in lags.values()) == 120
+
+
+async def test_trim_when_must_persist_group_lags_keeps_everything_it_has_not_acked(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    bus = Bus(redis, bus_settings(shards=1, retention_s=0, must_persist_groups="recorder"))
+    stream = bus.keys.stream(0, EventType.ORDER_REQUESTED)
+    ids = await bus.publish_many([order(i) for i in range(50)])
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 0  # no recorder group yet: keep all
+
+    await bus.ensure_group("recorder", [EventType.ORDER_REQUESTED])
+    await bus.ensure_group("risk", [EventType.ORDER_REQUESTED])
+    await redis.xreadgroup("risk", "r1", {stream: ">"}, count=50)
+    await redis.xack(stream, "risk", *ids)
+    await redis.xreadgroup("recorder", "p1", {stream: ">"}, count=30)  # read 30, ack only 20
+    await redis.xack(stream, "recorder", *ids[:10], *ids[15:25])
+
+    trimmed = await bus.trim([EventType.ORDER_REQUESTED])
+    remaining = [eid for eid, _ in await redis.xrange(stream)]
+    assert trimmed == 10
+    assert remaining == ids[10:]  # entries 10..14 are still pending for the recorder
+
+    await redis.xack(stream, "recorder", *ids[10:15], *ids[25:30])
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 20
+    assert [eid for eid, _ in await redis.xrange(stream)] == ids[30:]  # never read by the recorder yet
+
+
+async def test_trim_when_retention_not_reached_keeps_recent_entries(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    bus = Bus(redis, bus_settings(shards=1, retention_s=3600, must_persist_groups="recorder"))
+    stream = bus.keys.stream(0, EventType.ORDER_REQUESTED)
+    ids = await bus.publish_many([order(i) for i in range(5)])
+    await bus.ensure_group("recorder", [EventType.ORDER_REQUESTED])
+    await redis.xreadgroup("recorder", "p1", {stream: ">"}, count=5)
+    await redis.xack(stream, "recorder", *ids)
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 0
+    assert await redis.xlen(stream) == 5
+
+
+async def test_publish_when_decimal_amounts_survives_the_wire_exactly(redis: AnyRedis, bus: Bus) -> None:
+    event = Event.new(
+        OrderValidated(
+            order_id="o", client_order_id="c", symbol="ETH/USDT", side=order(0).payload.side,
+            order_type=order(0).payload.order_type, quantity=Decimal("0.000000000000000001"),
+            price=Decimal("12345678901234567890.123456789"),
+        ),
+        portfolio_id="pf-x",
+    )
+    await bus.publish(event)
+    entries = await redis.xrange(bus.stream_of(event))
+    data = entries[0][1][b"d"]
+    assert b'"price":"12345678901234567890.123456789"' in data  # a string, never a float
+    decoded = decode_any(data)
+    assert decoded == event
+    assert decoded.payload.quantity == Decimal("0.000000000000000001")
