@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from services.core.codec import DecodeError, decode, encode
@@ -52,6 +53,7 @@ from services.core.telemetry import (
     BUS_PUBLISHED,
     BUS_RECLAIMED,
     consumer_span,
+    current_event,
     current_trace_context,
     get_logger,
     tracing,
@@ -87,71 +89,84 @@ def default_consumer_name(service: str) -> str:
 # Lua: the commit and the dedupe check run inside Redis, in one slot.
 
 _COMMIT_LUA = """
--- ARGV: group, seen-prefix, dedupe-ttl-ms, errors-hash, deadletter-stream, then records:
---   C stream id event-id n-out (out-stream data)* n-ops (n-args arg*)*   commit once, ack
---   A stream id                                                          ack only
---   D stream id n-fields (field value)*                                  dead-letter, ack
---   F stream id error                                                    failed: stays pending
---   X stream id                                                          forget a past error
-local group, prefix, ttl, errors, dlq = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local acks, dups = {}, {}
-local i, n = 6, #ARGV
-local function ack(stream, id)
-  local ids = acks[stream]
-  if not ids then ids = {}; acks[stream] = ids end
-  ids[#ids + 1] = id
-end
-while i <= n do
-  local kind, stream, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
-  if kind == 'C' then
-    local eid, nout = ARGV[i], tonumber(ARGV[i + 1])
-    i = i + 2
-    local fresh = redis.call('SET', prefix .. eid, '1', 'NX', 'PX', ttl)
-    if fresh then
-      for _ = 1, nout do
-        redis.call('XADD', ARGV[i], '*', 'd', ARGV[i + 1])
-        i = i + 2
+-- ARGV[1] group, ARGV[2] dedupe ttl (ms), ARGV[3] msgpack: a list of per-shard batches
+--   {seen-prefix, errors-hash, deadletter-stream, records}, each record a list:
+--   {'C', stream, id, event-id, {{out-stream, data}...}, {{command, key, arg...}...}}
+--                                           commit once (mark new: writes and outputs), ack
+--   {'A', stream, id}                       ack only
+--   {'D', stream, id, {field, value, ...}}  dead-letter, ack
+--   {'F', stream, id, error}                failed: stays pending, the error is remembered
+--   {'X', stream, id}                       forget a past error
+local group, ttl = ARGV[1], ARGV[2]
+local dups = {}
+for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
+  local prefix, errors, dlq = batch[1], batch[2], batch[3]
+  local acks = {}
+  for _, r in ipairs(batch[4]) do
+    local kind, stream, id = r[1], r[2], r[3]
+    local ack = true
+    if kind == 'C' then
+      if redis.call('SET', prefix .. r[4], '1', 'NX', 'PX', ttl) then
+        for _, o in ipairs(r[5]) do redis.call('XADD', o[1], '*', 'd', o[2]) end
+        for _, w in ipairs(r[6]) do redis.call(unpack(w)) end
+      else
+        dups[#dups + 1] = r[4]
       end
-    else
-      dups[#dups + 1] = eid
-      i = i + 2 * nout
+    elseif kind == 'D' then
+      redis.call('XADD', dlq, '*', unpack(r[4]))
+    elseif kind == 'F' then
+      redis.call('HSET', errors, stream .. '|' .. id, r[4])
+      ack = false
+    elseif kind == 'X' then
+      redis.call('HDEL', errors, stream .. '|' .. id)
+      ack = false
     end
-    local nops = tonumber(ARGV[i])
-    i = i + 1
-    for _ = 1, nops do
-      local nargs = tonumber(ARGV[i])
-      if fresh then redis.call(unpack(ARGV, i + 1, i + nargs)) end
-      i = i + 1 + nargs
+    if ack then
+      local ids = acks[stream]
+      if not ids then ids = {}; acks[stream] = ids end
+      ids[#ids + 1] = id
     end
-    ack(stream, id)
-  elseif kind == 'A' then
-    ack(stream, id)
-  elseif kind == 'D' then
-    local nf = tonumber(ARGV[i])
-    redis.call('XADD', dlq, '*', unpack(ARGV, i + 1, i + 2 * nf))
-    i = i + 1 + 2 * nf
-    ack(stream, id)
-  elseif kind == 'F' then
-    redis.call('HSET', errors, stream .. '|' .. id, ARGV[i])
-    i = i + 1
-  elseif kind == 'X' then
-    redis.call('HDEL', errors, stream .. '|' .. id)
   end
-end
-for stream, ids in pairs(acks) do
-  for s = 1, #ids, 1000 do
-    redis.call('XACK', stream, group, unpack(ids, s, math.min(s + 999, #ids)))
+  for stream, ids in pairs(acks) do
+    for s = 1, #ids, 1000 do
+      redis.call('XACK', stream, group, unpack(ids, s, math.min(s + 999, #ids)))
+    end
   end
 end
 return dups
 """
 
 _SEEN_LUA = """
-local prefix, out = ARGV[1], {}
-for j = 2, #ARGV do out[j - 1] = redis.call('EXISTS', prefix .. ARGV[j]) end
+-- ARGV[1] msgpack: a list of {seen-prefix, {event-id...}}; returns 1 or 0 per id, in order
+local out = {}
+for _, batch in ipairs(cmsgpack.unpack(ARGV[1])) do
+  for _, eid in ipairs(batch[2]) do out[#out + 1] = redis.call('EXISTS', batch[1] .. eid) end
+end
 return out
 """
+
+_pack = msgspec.msgpack.Encoder().encode
+
+
+def _mp_bytes(data: bytes) -> msgspec.Raw:
+    """Bytes as a msgpack *str*: Redis's Lua msgpack predates the bin types, and Lua strings
+    are binary-safe anyway."""
+    n = len(data)
+    if n < 32:
+        head = bytes((0xA0 | n,))
+    elif n < 0x100:
+        head = bytes((0xD9, n))
+    elif n < 0x10000:
+        head = b"\xda" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdb" + n.to_bytes(4, "big")
+    return msgspec.Raw(head + data)
+
+
+def _raw_reply(response: Any, **_: Any) -> Any:
+    """XREADGROUP replies as Redis sent them: the bus reads only field ``d`` of each entry,
+    and skipping redis-py's per-entry dict building is a large share of the read cost."""
+    return response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +180,10 @@ class Bus:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace, settings.shards)
+        self.cluster = isinstance(redis, RedisCluster)
         self._commit = redis.register_script(_COMMIT_LUA)
         self._seen = redis.register_script(_SEEN_LUA)
+        redis.set_response_callback("XREADGROUP", _raw_reply)
 
     def stream_of(self, event: Event[Any]) -> str:
         return self.keys.stream(self.keys.shard_of(event.portfolio_id), event.event_type)
@@ -320,7 +337,7 @@ class Commit:
             self.foreign.append(event)
 
     def write(self, command: str, key: str, *args: Any) -> None:
-        self.writes.append((command, key, *args))
+        self.writes.append((command, key, *(_mp_bytes(a) if isinstance(a, bytes) else a for a in args)))
 
     def key(self, *parts: str) -> str:
         """A state key of this commit's shard."""
@@ -329,6 +346,7 @@ class Commit:
 
 @dataclass(slots=True)
 class _Entry:
+    shard: int
     stream: str
     event_type: EventType
     entry_id: str
@@ -375,7 +393,12 @@ class _Outcome:
 
 
 class Consumer:
-    """One member of a consumer group, reading every shard of the types it handles."""
+    """One member of a consumer group, reading every shard of the types it handles.
+
+    On a single Redis one read loop covers every shard (one ``XREADGROUP`` over all the
+    streams, one commit script per read). On a cluster a command may only touch one slot, so
+    each shard has its own read loop and commit.
+    """
 
     def __init__(
         self,
@@ -386,6 +409,7 @@ class Consumer:
         name: str | None = None,
         routes: frozenset[Route] = frozenset({Route.STREAM}),
         shards: Iterable[int] | None = None,
+        precheck_duplicates: bool | None = None,
     ) -> None:
         if not handlers:
             raise ValueError("a consumer needs at least one handler")
@@ -396,11 +420,19 @@ class Consumer:
         self.routes = routes
         self.shards = list(range(bus.keys.shards) if shards is None else shards)
         self._settings = bus.settings
+        self._precheck = bus.settings.precheck_duplicates if precheck_duplicates is None else precheck_duplicates
         self._keys = bus.keys
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # stream key -> (shard, event type), for every stream this consumer reads
         self._streams = {
-            s: {bus.keys.stream(s, t): t for t in self.handlers} for s in self.shards
+            bus.keys.stream(s, t): (s, t) for s in self.shards for t in self.handlers
+        }
+        units = [self.shards] if not bus.cluster else [[s] for s in self.shards]
+        self._units = [[k for k, (s, _) in self._streams.items() if s in unit] for unit in units]
+        self._headers = {
+            s: (bus.keys.seen_prefix(s, group), bus.keys.errors(s, group), bus.keys.deadletter(s))
+            for s in self.shards
         }
         self.healthy = False
         self.processed = 0
@@ -409,11 +441,17 @@ class Consumer:
 
     async def start(self) -> None:
         await self.bus.ensure_group(self.group, self.handlers)
-        self._tasks = [asyncio.create_task(self._read_loop(s), name=f"read-{self.group}-{s}") for s in self.shards]
+        self._tasks = [
+            asyncio.create_task(self._read_loop(unit), name=f"read-{self.group}-{i}")
+            for i, unit in enumerate(self._units)
+        ]
         self._tasks.append(asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.group}"))
         self._tasks.append(asyncio.create_task(self._lag_loop(), name=f"lag-{self.group}"))
         self.healthy = True
-        log.info("consumer started", group=self.group, consumer=self.name, shards=len(self.shards), types=[str(t) for t in self.handlers])
+        log.info(
+            "consumer started", group=self.group, consumer=self.name, shards=len(self.shards),
+            read_loops=len(self._units), types=[str(t) for t in self.handlers],
+        )
 
     def stop(self) -> None:
         """Stop reading; batches in hand are finished, committed and acked."""
@@ -444,40 +482,43 @@ class Consumer:
 
     async def _forget_self(self) -> None:
         """Leave the group on a clean stop, if nothing of ours is pending."""
-        for streams in self._streams.values():
-            for key in streams:
-                with contextlib.suppress(RedisError):
-                    pending = await self.bus.redis.xpending_range(
-                        key, self.group, min="-", max="+", count=1, consumername=self.name
-                    )
-                    if not pending:
-                        await self.bus.redis.xgroup_delconsumer(key, self.group, self.name)
+        for key in self._streams:
+            with contextlib.suppress(RedisError):
+                pending = await self.bus.redis.xpending_range(
+                    key, self.group, min="-", max="+", count=1, consumername=self.name
+                )
+                if not pending:
+                    await self.bus.redis.xgroup_delconsumer(key, self.group, self.name)
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _read_loop(self, shard: int) -> None:
-        streams = self._streams[shard]
-        request = dict.fromkeys(streams, ">")
+    async def _read_loop(self, keys: list[str]) -> None:
+        streams = self._streams
         redis = self.bus.redis
-        count, block = self._settings.batch_size, self._settings.block_ms
+        command = (
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self._settings.batch_size,
+            "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
+        )
         backoff = 0.05
         while not self._stopping.is_set():
             try:
-                reply = await redis.xreadgroup(self.group, self.name, request, count=count, block=block)
+                reply = await redis.execute_command(*command, keys=keys)
                 if reply:
-                    entries = [
-                        _Entry(key, streams[key], _s(eid), fields.get(DATA) if fields else None, 1)
-                        for key, items in _iter_reply(reply)
-                        for eid, fields in items
-                    ]
-                    await self._process(shard, entries)
+                    entries = []
+                    # a map under RESP3, a list of [key, entries] pairs under RESP2
+                    for key, items in reply.items() if isinstance(reply, dict) else reply:
+                        shard, event_type = streams[_s(key)]
+                        stream = _s(key)
+                        for eid, fields in items:
+                            entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
+                    await self._process(entries)
                 backoff = 0.05
             except RedisError as exc:
-                log.warning("read failed, retrying", group=self.group, shard=shard, error=str(exc))
+                log.warning("read failed, retrying", group=self.group, error=str(exc))
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except Exception:
-                log.exception("unexpected error in read loop", group=self.group, shard=shard)
+                log.exception("unexpected error in read loop", group=self.group)
                 await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
@@ -486,68 +527,71 @@ class Consumer:
 
     # -- processing ----------------------------------------------------------------------------
 
-    async def _process(self, shard: int, entries: list[_Entry]) -> None:
+    async def _process(self, entries: list[_Entry]) -> None:
+        """Decode, filter, handle and commit entries (of one slot on a cluster)."""
         started = time.perf_counter()
         settings = self._settings
         out = _Outcome()
-        args: list[Any] = [
-            self.group,
-            self._keys.seen_prefix(shard, self.group),
-            settings.dedupe_ttl_s * 1000,
-            self._keys.errors(shard, self.group),
-            self._keys.deadletter(shard),
-        ]
-        keys: set[str] = {self._keys.errors(shard, self.group), self._keys.deadletter(shard)}
-        todo: list[tuple[_Entry, Event[Any]]] = []
+        records: dict[int, list[Any]] = {}
+        todo: list[tuple[_Entry, Event[Any], list[Any]]] = []
         for entry in entries:
-            keys.add(entry.stream)
+            recs = records.get(entry.shard)
+            if recs is None:
+                recs = records[entry.shard] = []
             if entry.deliveries > 1:
-                args += ("X", entry.stream, entry.entry_id)
+                recs.append(("X", entry.stream, entry.entry_id))
             if entry.data is None:
-                self._dead(args, out, entry, "malformed", "entry has no 'd' field")
+                recs.append(self._dead(out, entry, "malformed", "entry has no 'd' field"))
                 continue
             try:
                 event = decode(entry.data, entry.event_type)
             except DecodeError as exc:
-                self._dead(args, out, entry, str(exc.reason), exc.message)
+                recs.append(self._dead(out, entry, str(exc.reason), exc.message))
                 continue
             if event.route not in self.routes:
-                args += ("A", entry.stream, entry.entry_id)
+                recs.append(("A", entry.stream, entry.entry_id))
                 out.skipped += 1
                 continue
-            todo.append((entry, event))
+            todo.append((entry, event, recs))
 
         if todo:
-            seen = (
-                await self._seen(shard, [event.event_id for _, event in todo])
-                if settings.precheck_duplicates
-                else [0] * len(todo)
-            )
+            seen = await self._seen(todo) if self._precheck else None
             fresh, batch_ids = [], set()
-            for item, was_seen in zip(todo, seen, strict=True):
-                if was_seen or item[1].event_id in batch_ids:
-                    args += ("A", item[0].stream, item[0].entry_id)
+            for i, item in enumerate(todo):
+                event_id = item[1].event_id
+                if event_id in batch_ids or (seen is not None and seen[i]):
+                    item[2].append(("A", item[0].stream, item[0].entry_id))
                     out.duplicate += 1
                 else:
-                    batch_ids.add(item[1].event_id)
+                    batch_ids.add(event_id)
                     fresh.append(item)
             todo = fresh
 
         foreign: list[Event[Any]] = []
-        for entry, event in todo:
-            commit = Commit(self._keys, shard)
+        keys = self._keys
+        handlers = self.handlers
+        traced = tracing.enabled
+        for entry, event, recs in todo:
+            commit = Commit(keys, entry.shard)
             try:
-                with consumer_span(event, self.group):
-                    await self.handlers[entry.event_type](event, commit)
+                if traced:
+                    with consumer_span(event, self.group):
+                        await handlers[entry.event_type](event, commit)
+                else:
+                    token = current_event.set(event)
+                    try:
+                        await handlers[entry.event_type](event, commit)
+                    finally:
+                        current_event.reset(token)
             except PermanentError as exc:
-                self._dead(args, out, entry, "rejected_by_handler", f"{type(exc).__name__}: {exc}", event.event_id)
+                recs.append(self._dead(out, entry, "rejected_by_handler", f"{type(exc).__name__}: {exc}", event.event_id))
                 continue
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if entry.deliveries >= settings.max_deliveries:
-                    self._dead(args, out, entry, "handler_error", error, event.event_id)
+                    recs.append(self._dead(out, entry, "handler_error", error, event.event_id))
                 else:
-                    args += ("F", entry.stream, entry.entry_id, error[:2000])
+                    recs.append(("F", entry.stream, entry.entry_id, error[:2000]))
                     out.failed += 1
                 log.warning(
                     "handler failed", group=self.group, event_type=str(entry.event_type),
@@ -555,45 +599,62 @@ class Consumer:
                     correlation_id=event.correlation_id,
                 )
                 continue
-            foreign += commit.foreign
-            args += ("C", entry.stream, entry.entry_id, event.event_id, len(commit.outputs))
-            for output in commit.outputs:
-                stream = self._keys.stream(shard, output.event_type)
-                keys.add(stream)
-                args += (stream, encode(output))
-            args.append(len(commit.writes))
-            for write in commit.writes:
-                keys.add(write[1])
-                args.append(len(write))
-                args += write
+            if commit.foreign:
+                foreign += commit.foreign
+            recs.append((
+                "C", entry.stream, entry.entry_id, event.event_id,
+                [(keys.stream(entry.shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs],
+                commit.writes,
+            ))
             out.ok += 1
 
         if foreign:
             await self.bus.publish_many(foreign)
-        dups = await self.bus._commit(keys=sorted(keys), args=args)
+        dups = await self._commit(records)
         out.ok -= len(dups)
         out.duplicate += len(dups)
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
 
-    def _dead(self, args: list[Any], out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> None:
+    async def _commit(self, records: dict[int, list[Any]]) -> list[Any]:
+        batches = [(*self._headers[shard], recs) for shard, recs in records.items() if recs]
+        if not batches:
+            return []
+        route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
+        dups: list[Any] = await self.bus._commit(
+            keys=[route], args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
+        )
+        return dups
+
+    def _dead(self, out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> tuple[Any, ...]:
+        out.dead[reason] = out.dead.get(reason, 0) + 1
+        log.error(
+            "dead-lettered", group=self.group, stream=entry.stream, entry_id=entry.entry_id,
+            reason=reason, error=error[:500],
+        )
         fields = (
             "stream", entry.stream, "entry_id", entry.entry_id, "group", self.group, "consumer", self.name,
             "reason", reason, "error", error[:4000], "deliveries", entry.deliveries, "event_id", event_id,
-            "dead_lettered_at", int(time.time() * 1000), "data", entry.data or b"",
+            "dead_lettered_at", int(time.time() * 1000), "data", _mp_bytes(entry.data or b""),
         )
-        args += ("D", entry.stream, entry.entry_id, len(fields) // 2, *fields)
-        out.dead[reason] = out.dead.get(reason, 0) + 1
-        log.error("dead-lettered", group=self.group, stream=entry.stream, entry_id=entry.entry_id, reason=reason, error=error[:500])
+        return ("D", entry.stream, entry.entry_id, fields)
 
-    async def _seen(self, shard: int, event_ids: list[str]) -> list[int]:
-        tag = next(iter(self._streams[shard]))
-        result: list[int] = await self.bus._seen(keys=[tag], args=[self._keys.seen_prefix(shard, self.group), *event_ids])
-        return result
+    async def _seen(self, todo: list[tuple[_Entry, Event[Any], list[Any]]]) -> list[int]:
+        by_shard: dict[int, list[str]] = {}
+        for entry, event, _ in todo:
+            by_shard.setdefault(entry.shard, []).append(event.event_id)
+        flags: list[int] = await self.bus._seen(
+            keys=[self._keys.deadletter(next(iter(by_shard)))],
+            args=[_pack([(self._headers[s][0], ids) for s, ids in by_shard.items()])],
+        )
+        # the script answers shard by shard; put the answers back in entry order
+        answers = {s: iter(flags[i:i + len(ids)]) for s, ids, i in _offsets(by_shard)}
+        return [next(answers[entry.shard]) for entry, _, _ in todo]
 
     def _observe(self, entries: list[_Entry], out: _Outcome, seconds: float) -> None:
         group = self.group
-        stream = str(entries[0].event_type) if len({e.event_type for e in entries}) == 1 else "mixed"
+        first = entries[0].event_type
+        stream = str(first) if all(e.event_type is first for e in entries) else "mixed"
         for outcome, n in (("ok", out.ok), ("duplicate", out.duplicate), ("skipped", out.skipped), ("failed", out.failed)):
             if n:
                 BUS_MESSAGES.labels(stream, group, outcome).inc(n)
@@ -624,11 +685,10 @@ class Consumer:
         """Claim entries idle longer than ``reclaim_idle_ms`` (of dead consumers, or whose
         handler failed) and process them; dead-letter those delivered too often."""
         total = 0
-        for shard in self.shards:
+        for stream, (shard, event_type) in self._streams.items():
             if self._stopping.is_set():
                 break
-            for stream, event_type in self._streams[shard].items():
-                total += await self._reclaim_stream(shard, stream, event_type)
+            total += await self._reclaim_stream(shard, stream, event_type)
         return total
 
     async def _reclaim_stream(self, shard: int, stream: str, event_type: EventType) -> int:
@@ -648,31 +708,27 @@ class Consumer:
             entry_id = _s(eid)
             if fields is None:
                 continue  # trimmed away; XCLAIM dropped it from the pending list
-            entry = _Entry(stream, event_type, entry_id, fields.get(DATA), deliveries.get(entry_id, 0) + 1)
+            entry = _Entry(shard, stream, event_type, entry_id, fields.get(DATA), deliveries.get(entry_id, 0) + 1)
             (exhausted if entry.deliveries > limit else entries).append(entry)
         if claimed:
             BUS_RECLAIMED.labels(event_type, self.group).inc(len(claimed))
         if exhausted:
             await self._dead_letter_exhausted(shard, exhausted)
         if entries:
-            await self._process(shard, entries)
+            await self._process(entries)
         return len(claimed)
 
     async def _dead_letter_exhausted(self, shard: int, entries: list[_Entry]) -> None:
         errors_key = self._keys.errors(shard, self.group)
         errors = await self.bus.redis.hmget(errors_key, [f"{e.stream}|{e.entry_id}" for e in entries])
-        args: list[Any] = [
-            self.group, self._keys.seen_prefix(shard, self.group), self._settings.dedupe_ttl_s * 1000,
-            errors_key, self._keys.deadletter(shard),
-        ]
         out = _Outcome()
+        records: list[Any] = []
         for entry, error in zip(entries, errors, strict=True):
             entry.deliveries -= 1  # this claim is not a delivery to a handler
             last = _s(error) if error else "no handler finished it (consumers stopped or died while handling it)"
-            args += ("X", entry.stream, entry.entry_id)
-            self._dead(args, out, entry, "max_deliveries", last)
-        keys = sorted({errors_key, self._keys.deadletter(shard), *(e.stream for e in entries)})
-        await self.bus._commit(keys=keys, args=args)
+            records.append(("X", entry.stream, entry.entry_id))
+            records.append(self._dead(out, entry, "max_deliveries", last))
+        await self._commit({shard: records})
         self._observe(entries, out, 0.0)
 
     # -- lag -------------------------------------------------------------------------------
@@ -682,7 +738,7 @@ class Consumer:
             try:
                 lags = await self.bus.group_lag(self.group, self.handlers)
                 for (event_type, shard), (lag, pending) in lags.items():
-                    if shard in self.shards:
+                    if shard in self._headers:
                         BUS_LAG.labels(event_type, self.group, str(shard)).set(lag)
                         BUS_PENDING.labels(event_type, self.group, str(shard)).set(pending)
             except RedisError as exc:
@@ -698,16 +754,22 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _data(fields: list[bytes] | None) -> bytes | None:
+    """The ``d`` field of a raw entry (``[field, value, ...]``), or None."""
+    if fields:
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] == DATA:
+                return fields[i + 1]
+    return None
+
+
+def _offsets(by_shard: dict[int, list[str]]) -> Iterable[tuple[int, list[str], int]]:
+    offset = 0
+    for shard, ids in by_shard.items():
+        yield shard, ids, offset
+        offset += len(ids)
+
+
 def _parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _iter_reply(reply: Any) -> Iterable[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
-    """XREADGROUP replies are a list of [stream, entries] (RESP2) or a dict (RESP3)."""
-    if isinstance(reply, dict):
-        for key, value in reply.items():
-            yield _s(key), value[0] if value and isinstance(value[0], list) else value
-    else:
-        for key, items in reply:
-            yield _s(key), items

@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 
 from services.core.settings import CoreSettings
 
-__all__ = ["AnyRedis", "connect"]
+__all__ = ["AnyRedis", "connect", "open_redis"]
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 
@@ -34,3 +34,15 @@ def connect(settings: CoreSettings) -> AnyRedis:
         retry=retry,
         max_connections=512,
     )
+
+
+async def open_redis(settings: CoreSettings) -> AnyRedis:
+    """``connect``, and for a cluster also load the slot map before the first command.
+
+    redis-py's async cluster client loads it lazily on first use, and concurrent first
+    commands on a fresh client can race that load (failing with a connection error).
+    """
+    client = connect(settings)
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return client

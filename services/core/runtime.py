@@ -32,7 +32,7 @@ from starlette.routing import Route as HttpRoute
 
 from services.core.bus import Bus, Consumer, Handler
 from services.core.events import EventType, Route
-from services.core.redisconn import AnyRedis, connect
+from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
 
@@ -118,7 +118,7 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.redis = connect(self.settings)
+        self.redis = await open_redis(self.settings)
         self.bus = Bus(self.redis, self.bus_settings)
         try:
             await self._start_http()

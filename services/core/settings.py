@@ -118,7 +118,9 @@ class BusSettings(BaseSettings):
         86_400, ge=1, le=30 * 86_400, description="How long a consumer group remembers event ids it has processed."
     )
     precheck_duplicates: bool = Field(
-        True, description="Drop already-processed event ids before calling handlers, not only at commit."
+        False,
+        description="Also drop already-processed event ids before calling handlers (one more round trip per "
+        "batch); duplicates are always dropped at commit.",
     )
     retention_s: int = Field(
         3_600, ge=0, le=90 * 86_400, description="Entries younger than this are kept even once persisted."

@@ -19,7 +19,7 @@ import pytest
 
 from services.core.bus import Bus
 from services.core.events import Event, EventType, OrderRequested, OrderType, Side
-from services.core.redisconn import AnyRedis, connect
+from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def bus_settings(namespace: str) -> Callable[..., BusSettings]:
 
 @pytest.fixture
 async def redis(target: Target, namespace: str) -> AsyncIterator[AnyRedis]:
-    client = connect(target.core())
+    client = await open_redis(target.core())
     yield client
     await delete_namespace(client, namespace)
     await client.aclose()

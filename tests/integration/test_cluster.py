@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from redis.exceptions import RedisError
 from devstack import stack
 from services.core.bus import Bus, Consumer
 from services.core.events import EventType
-from services.core.redisconn import connect
+from services.core.redisconn import open_redis
 from services.core.settings import BusSettings
 from tests.integration.conftest import Target, delete_namespace, eventually, handled_counts, order
 from tests.integration.echo_service import handle as echo
@@ -30,7 +31,7 @@ def _master_of_slot(nodes: list[dict[str, Any]], slot: int) -> int:
 async def test_shards_when_on_cluster_spread_over_all_three_masters(
     cluster_target: Target, bus_settings: Callable[..., BusSettings], namespace: str
 ) -> None:
-    client = connect(cluster_target.core())
+    client = await open_redis(cluster_target.core())
     try:
         bus = Bus(client, bus_settings(shards=16))
         await bus.publish_many([order(i, portfolio=f"pf-{i}") for i in range(400)])
@@ -60,7 +61,7 @@ async def test_bus_when_cluster_master_is_killed_resumes_after_failover_with_bou
 ) -> None:
     stack.wait_cluster_ok(60, full_topology=True)
     settings = bus_settings(shards=16, reclaim_idle_ms=1500, reclaim_interval_ms=300, block_ms=100)
-    client = connect(cluster_target.core())
+    client = await open_redis(cluster_target.core())
     bus = Bus(client, settings)
     consumer = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: echo})
     await consumer.start()
@@ -88,12 +89,16 @@ async def test_bus_when_cluster_master_is_killed_resumes_after_failover_with_bou
 
     publisher = asyncio.create_task(publish())
     victim: int | None = None
+    # Hold devstack's lock from the kill until the cluster is whole again, so that another
+    # session's ensure_cluster() cannot restart the victim before its replica takes over.
+    lock = contextlib.ExitStack()
     try:
         await asyncio.sleep(2.0)
         nodes = stack.cluster_nodes()
         # kill the master that owns shard 0
         slot = int(await client.cluster_keyslot(bus.keys.stream(0, EventType.ORDER_REQUESTED)))
         victim = _master_of_slot(nodes, slot)
+        lock.enter_context(stack.exclusive())
         killed_at = time.monotonic()
         stack.kill_node(victim)
         before_kill = sum(1 for t in acked.values() if t <= killed_at)
@@ -135,8 +140,9 @@ async def test_bus_when_cluster_master_is_killed_resumes_after_failover_with_bou
             publisher.cancel()
         consumer.stop()
         await consumer.wait(10)
-        if victim is not None:
-            await asyncio.to_thread(stack.start_node, victim)
-            await asyncio.to_thread(stack.wait_cluster_ok, 60.0, full_topology=True)
+        with lock:
+            if victim is not None:
+                stack.start_node(victim)  # in this thread: it re-enters the lock held here
+                await asyncio.to_thread(stack.wait_cluster_ok, 60.0, full_topology=True)
         await delete_namespace(client, namespace)
         await client.aclose()
