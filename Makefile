@@ -32,7 +32,8 @@ down: ## stop everything devstack started
 status: ## what runs where
 	@$(DEVSTACK) status
 
-test: deps ## run the test suite
+test: deps ## type-check, then run the test suite
+	$(PY) -m mypy
 	$(PY) -m pytest -p no:cacheprovider -q $(PYTEST_ARGS)
 
 lint: deps ## type-check

@@ -200,9 +200,9 @@ class Bus:
 
     async def publish(self, event: Event[Any]) -> bytes:
         """Append one event; returns its stream entry id."""
-        entry_id: bytes = await self.redis.xadd(self.stream_of(event), {DATA: encode(with_trace(event))})
+        entry_id: Any = await self.redis.xadd(self.stream_of(event), {DATA: encode(with_trace(event))})
         BUS_PUBLISHED.labels(event.event_type).inc()
-        return entry_id
+        return bytes(entry_id)
 
     async def publish_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
         """Append many events in one pipelined round trip per node (not atomic)."""
@@ -259,7 +259,8 @@ class Bus:
         shards = range(self.keys.shards) if shard is None else [shard]
         out: list[DeadLetter] = []
         for s in shards:
-            for entry_id, fields in await self.redis.xrange(self.keys.deadletter(s), count=count):
+            entries: Any = await self.redis.xrange(self.keys.deadletter(s), count=count)
+            for entry_id, fields in entries:
                 out.append(DeadLetter.from_fields(_s(entry_id), fields))
         return out
 
@@ -504,7 +505,7 @@ class Consumer:
 
     async def _read_loop(self, keys: list[str]) -> None:
         redis = self.bus.redis
-        command = (
+        command: tuple[Any, ...] = (
             "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self._settings.batch_size,
             "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
         )
@@ -728,7 +729,9 @@ class Consumer:
         if not pending:
             return 0
         deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        claimed = await redis.xclaim(stream, self.group, self.name, min_idle_time=idle, message_ids=list(deliveries))
+        claimed: Any = await redis.xclaim(
+            stream, self.group, self.name, min_idle_time=idle, message_ids=list(deliveries)
+        )
         entries: list[_Entry] = []
         limit = self._settings.max_deliveries
         exhausted: list[_Entry] = []

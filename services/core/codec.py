@@ -49,7 +49,7 @@ def decode(data: bytes, expected: EventType) -> Event[Any]:
     Raises ``DecodeError`` naming why the entry is not a valid event of that type.
     """
     try:
-        event = _decoders[expected].decode(data)
+        event: Event[Any] = _decoders[expected].decode(data)
     except (msgspec.DecodeError, ValueError):
         raise _diagnose(data, expected) from None
     if event.event_type is not expected:

@@ -493,7 +493,7 @@ class Event(msgspec.Struct, Generic[P], frozen=True, forbid_unknown_fields=True,
 _ZERO = dt.timedelta(0)
 
 EVENT_CLASSES: dict[EventType, type[Event[Any]]] = {
-    et: msgspec.defstruct(
+    et: msgspec.defstruct(  # type: ignore[misc]
         f"{cls.__name__}Event",
         [("payload", cls)],
         bases=(Event,),

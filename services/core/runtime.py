@@ -19,7 +19,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -62,7 +62,7 @@ class Service:
         self.bus: Bus | None = None
         self.consumers: list[Consumer] = []
         self._consumer_specs: list[tuple[str, Mapping[EventType, Handler], frozenset[Route]]] = []
-        self._task_factories: list[Callable[[], Awaitable[None]]] = []
+        self._task_factories: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: dict[str, ReadinessCheck] = {}
         self._startup: list[Callable[[Service], Awaitable[None]]] = []
@@ -84,7 +84,7 @@ class Service:
         """Join consumer group ``group`` for these event types."""
         self._consumer_specs.append((group, handlers, routes))
 
-    def background(self, factory: Callable[[], Awaitable[None]]) -> None:
+    def background(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a coroutine for the life of the process; it should return when ``stopping``."""
         self._task_factories.append(factory)
 

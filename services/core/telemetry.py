@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -82,7 +82,7 @@ BUS_PENDING = Gauge("zvt_bus_pending", "Entries delivered to the group and not y
 current_event: ContextVar[Event[Any] | None] = ContextVar("zvt_current_event", default=None)
 
 
-def _add_context(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     span = trace.get_current_span().get_span_context()
     if span.is_valid:
         event_dict.setdefault("trace_id", f"{span.trace_id:032x}")
