@@ -90,9 +90,7 @@ def default_consumer_name(service: str) -> str:
 
 _COMMIT_LUA = """
 -- ARGV[1] group, ARGV[2] dedupe ttl (ms), ARGV[3] msgpack: a list of per-shard batches
---   {seen-prefix, errors-hash, deadletter-stream, records}; ARGV[4] optional msgpack
---   {consumer, count, {stream...}}: after committing, read the next batch (XREADGROUP, not
---   blocking), so a busy consumer makes one round trip per batch. Each record a list:
+--   {seen-prefix, errors-hash, deadletter-stream, records}, each record a list:
 --   {'C', stream, id, event-id, {{out-stream, data}...}, {{command, key, arg...}...}}
 --                                           commit once (mark new: writes and outputs), ack
 --   {'A', stream, id}                       ack only
@@ -135,15 +133,7 @@ for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
     end
   end
 end
-local nxt = false
-if ARGV[4] then
-  local spec = cmsgpack.unpack(ARGV[4])
-  local args = {'XREADGROUP', 'GROUP', group, spec[1], 'COUNT', spec[2], 'STREAMS'}
-  for _, key in ipairs(spec[3]) do args[#args + 1] = key end
-  for _ = 1, #spec[3] do args[#args + 1] = '>' end
-  nxt = redis.call(unpack(args))
-end
-return {dups, nxt}
+return dups
 """
 
 _SEEN_LUA = """
@@ -504,50 +494,33 @@ class Consumer:
     # -- reading -------------------------------------------------------------------------------
 
     async def _read_loop(self, keys: list[str]) -> None:
+        streams = self._streams
         redis = self.bus.redis
         command: tuple[Any, ...] = (
             "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self._settings.batch_size,
             "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
         )
-        then_read = _pack((self.name, self._settings.batch_size, keys))
-        in_hand: list[_Entry] = []
         backoff = 0.05
-        while True:
+        while not self._stopping.is_set():
             try:
-                if not in_hand:
-                    if self._stopping.is_set():
-                        break
-                    in_hand = self._entries(await redis.execute_command(*command, keys=keys))
-                    if not in_hand:
-                        continue
-                # Commit this batch and read the next one in the same round trip, unless
-                # stopping: then finish what is in hand and read nothing more.
-                following = await self._process(in_hand, None if self._stopping.is_set() else then_read)
-                in_hand = self._entries(following)
+                reply = await redis.execute_command(*command, keys=keys)
+                if reply:
+                    entries = []
+                    # a map under RESP3, a list of [key, entries] pairs under RESP2
+                    for key, items in reply.items() if isinstance(reply, dict) else reply:
+                        shard, event_type = streams[_s(key)]
+                        stream = _s(key)
+                        for eid, fields in items:
+                            entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
+                    await self._process(entries)
                 backoff = 0.05
             except RedisError as exc:
-                # What was in hand stays pending and is reclaimed; nothing is lost.
-                in_hand = []
-                log.warning("read or commit failed, retrying", group=self.group, error=str(exc))
+                log.warning("read failed, retrying", group=self.group, error=str(exc))
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except Exception:
-                in_hand = []
                 log.exception("unexpected error in read loop", group=self.group)
                 await self._sleep(1.0)
-
-    def _entries(self, reply: Any) -> list[_Entry]:
-        """Entries of an XREADGROUP reply: a map under RESP3, [key, entries] pairs under RESP2."""
-        if not reply:
-            return []
-        streams = self._streams
-        entries = []
-        for key, items in reply.items() if isinstance(reply, dict) else reply:
-            stream = _s(key)
-            shard, event_type = streams[stream]
-            for eid, fields in items:
-                entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
-        return entries
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -555,9 +528,8 @@ class Consumer:
 
     # -- processing ----------------------------------------------------------------------------
 
-    async def _process(self, entries: list[_Entry], then_read: bytes | None = None) -> Any:
-        """Decode, filter, handle and commit entries (of one slot on a cluster); with
-        ``then_read``, the commit also reads the next batch, which is returned."""
+    async def _process(self, entries: list[_Entry]) -> None:
+        """Decode, filter, handle and commit entries (of one slot on a cluster)."""
         started = time.perf_counter()
         settings = self._settings
         out = _Outcome()
@@ -639,21 +611,21 @@ class Consumer:
 
         if foreign:
             await self.bus.publish_many(foreign)
-        dups, following = await self._commit(records, then_read)
+        dups = await self._commit(records)
         out.ok -= len(dups)
         out.duplicate += len(dups)
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
-        return following
 
-    async def _commit(self, records: dict[int, list[Any]], then_read: bytes | None = None) -> tuple[list[Any], Any]:
+    async def _commit(self, records: dict[int, list[Any]]) -> list[Any]:
         batches = [(*self._headers[shard], recs) for shard, recs in records.items() if recs]
+        if not batches:
+            return []
         route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
-        args: list[Any] = [self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
-        if then_read is not None:
-            args.append(then_read)
-        dups, following = await self.bus._commit(keys=[route], args=args)
-        return dups, following
+        dups: list[Any] = await self.bus._commit(
+            keys=[route], args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
+        )
+        return dups
 
     def _dead(self, out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> tuple[Any, ...]:
         out.dead[reason] = out.dead.get(reason, 0) + 1
