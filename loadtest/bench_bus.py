@@ -59,6 +59,7 @@ from redis.cluster import RedisCluster
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
+from services.core.runtime import tune_gc
 from services.core.bus import Bus, Commit, Consumer
 from services.core.codec import encode
 from services.core.events import (
@@ -192,6 +193,7 @@ async def _consume(cfg: ChildConfig, idx: int, counters: Any, flags: dict[str, A
             break
         await asyncio.sleep(TICK_S)
     await consumer.start()
+    tune_gc()  # as the service runtime does after start-up
     prof = cProfile.Profile() if profile else None
     window: dict[str, float] = {}
     win_start, win_end, stop = flags["win_start"], flags["win_end"], flags["stop"]

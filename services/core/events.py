@@ -155,19 +155,19 @@ def derive_event_id(cause_id: str, stage: str, index: int = 0) -> str:
 # Payloads
 
 
-class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
     """Base of every payload; a subclass names its event type and schema version."""
 
     EVENT_TYPE: ClassVar[EventType]
     VERSION: ClassVar[str] = "1.0"
 
 
-class PriceLevel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+class PriceLevel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True, gc=False):
     price: Decimal
     quantity: Decimal
 
 
-class VenueQuote(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class VenueQuote(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
     """One venue a router considered: its expected price and fee, and whether it was healthy."""
 
     venue: str
@@ -407,7 +407,7 @@ CATALOG: dict[EventType, type[Payload]] = {
 P = TypeVar("P")
 
 
-class Event(msgspec.Struct, Generic[P], frozen=True, forbid_unknown_fields=True, kw_only=True):
+class Event(msgspec.Struct, Generic[P], frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
     """One event on the bus: the envelope of ARCHITECTURE section 3 around a typed payload.
 
     ``portfolio_id`` is the sharding key; market-wide events use the venue or symbol instead.
@@ -430,7 +430,8 @@ class Event(msgspec.Struct, Generic[P], frozen=True, forbid_unknown_fields=True,
     payload: P
 
     def __post_init__(self) -> None:
-        if self.occurred_at.utcoffset() != _ZERO:
+        tz = self.occurred_at.tzinfo
+        if tz is not dt.UTC and self.occurred_at.utcoffset() != _ZERO:
             raise ValueError("occurred_at must be UTC")
 
     @staticmethod
@@ -501,6 +502,7 @@ EVENT_CLASSES: dict[EventType, type[Event[Any]]] = {
         frozen=True,
         forbid_unknown_fields=True,
         kw_only=True,
+        gc=False,  # events hold no reference cycles; untracked, they cost the collector nothing
     )
     for et, cls in CATALOG.items()
 }

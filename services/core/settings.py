@@ -100,7 +100,9 @@ class BusSettings(BaseSettings):
         "zvt", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="Prefix of every stream and state key."
     )
     shards: int = Field(16, ge=1, le=4096, description="Shards per event type; a deploy-time constant like partitions.")
-    batch_size: int = Field(256, ge=1, le=10_000, description="Entries read per shard per read (COUNT).")
+    batch_size: int = Field(
+        512, ge=1, le=10_000, description="Entries one read takes at most, over all the streams it reads together."
+    )
     block_ms: int = Field(
         500, ge=1, le=30_000, description="How long a read waits for new entries; also bounds how fast a stop is seen."
     )
