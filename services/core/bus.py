@@ -496,8 +496,11 @@ class Consumer:
     async def _read_loop(self, keys: list[str]) -> None:
         streams = self._streams
         redis = self.bus.redis
+        # COUNT is per stream: split the batch over the streams read together, so one commit
+        # script never holds Redis for much more than ``batch_size`` entries.
+        count = max(1, -(-self._settings.batch_size // len(keys)))
         command: tuple[Any, ...] = (
-            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", self._settings.batch_size,
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count,
             "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
         )
         backoff = 0.05
