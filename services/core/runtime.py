@@ -242,8 +242,17 @@ class Service:
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
 
-def main(name: str, build: Callable[[Service], Any]) -> None:
-    """Entry point of a service: ``python -m services.<name>``."""
+def main(name: str, build: Callable[[Service], Any], description: str = "") -> None:
+    """Entry point of a service: ``python -m services.<name>``.
+
+    The process takes no arguments, only settings from the environment; ``--help`` lists them.
+    """
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(_usage(name, description))
+        raise SystemExit(0)
+    if len(sys.argv) > 1:
+        print(f"{name}: takes no arguments (got {' '.join(sys.argv[1:])}); settings come from ZVT_* variables, see --help", file=sys.stderr)
+        raise SystemExit(2)
     try:
         service = Service(name)
     except SettingsError as exc:
@@ -251,3 +260,18 @@ def main(name: str, build: Callable[[Service], Any]) -> None:
         raise SystemExit(2) from None
     build(service)
     raise SystemExit(asyncio.run(service.run()))
+
+
+def _usage(name: str, description: str) -> str:
+    from services.core.settings import registered
+
+    lines = [f"usage: python -m services.{name}", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines.append("Configured by environment variables (docs/configuration.md):")
+    for cls in registered():
+        prefix = cls.model_config.get("env_prefix", "")
+        for field_name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            lines.append(f"  {prefix}{field_name.upper():<28} {info.description or ''} [default: {default}]")
+    return "\n".join(lines)

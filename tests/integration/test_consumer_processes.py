@@ -109,3 +109,13 @@ async def _pending_of(redis: AnyRedis, bus: Bus, group: str) -> int:
 
 async def _backlog_zero(bus: Bus) -> bool:
     return await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+
+
+def test_service_when_asked_for_help_lists_its_settings_and_exits_zero() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.echo_service", "--help"], cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m services.echo")
+    assert "ZVT_BUS_SHARDS" in proc.stdout and "ZVT_REDIS_URL" in proc.stdout
