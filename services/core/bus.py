@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -384,13 +384,19 @@ class DeadLetter:
         )
 
 
-@dataclass
 class _Outcome:
-    ok: int = 0
-    duplicate: int = 0
-    skipped: int = 0
-    failed: int = 0
-    dead: dict[str, int] = field(default_factory=dict)
+    """What became of a batch's entries: counts per (event type, outcome), and dead-letter
+    reasons per event type, for the metrics."""
+
+    __slots__ = ("counts", "dead")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[EventType, str], int] = {}
+        self.dead: dict[tuple[EventType, str], int] = {}
+
+    def add(self, event_type: EventType, outcome: str, n: int = 1) -> None:
+        key = (event_type, outcome)
+        self.counts[key] = self.counts.get(key, 0) + n
 
 
 class Consumer:
@@ -554,7 +560,7 @@ class Consumer:
                 continue
             if event.route not in self.routes:
                 recs.append(("A", entry.stream, entry.entry_id))
-                out.skipped += 1
+                out.add(entry.event_type, "skipped")
                 continue
             todo.append((entry, event, recs))
 
@@ -565,7 +571,7 @@ class Consumer:
                 event_id = item[1].event_id
                 if event_id in batch_ids or (seen is not None and seen[i]):
                     item[2].append(("A", item[0].stream, item[0].entry_id))
-                    out.duplicate += 1
+                    out.add(item[0].event_type, "duplicate")
                 else:
                     batch_ids.add(event_id)
                     fresh.append(item)
@@ -596,7 +602,7 @@ class Consumer:
                     recs.append(self._dead(out, entry, "handler_error", error, event.event_id))
                 else:
                     recs.append(("F", entry.stream, entry.entry_id, error[:2000]))
-                    out.failed += 1
+                    out.add(entry.event_type, "failed")
                 log.warning(
                     "handler failed", group=self.group, event_type=str(entry.event_type),
                     entry_id=entry.entry_id, deliveries=entry.deliveries, error=error,
@@ -610,13 +616,16 @@ class Consumer:
                 [(keys.stream(entry.shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs],
                 commit.writes,
             ))
-            out.ok += 1
+            out.add(entry.event_type, "ok")
 
         if foreign:
             await self.bus.publish_many(foreign)
         dups = await self._commit(records)
-        out.ok -= len(dups)
-        out.duplicate += len(dups)
+        if dups:  # handled, but another copy had committed first
+            types = {event.event_id: entry.event_type for entry, event, _ in todo}
+            for event_id in dups:
+                out.add(types[_s(event_id)], "ok", -1)
+                out.add(types[_s(event_id)], "duplicate")
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
 
@@ -631,7 +640,8 @@ class Consumer:
         return dups
 
     def _dead(self, out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> tuple[Any, ...]:
-        out.dead[reason] = out.dead.get(reason, 0) + 1
+        key = (entry.event_type, reason)
+        out.dead[key] = out.dead.get(key, 0) + 1
         log.error(
             "dead-lettered", group=self.group, stream=entry.stream, entry_id=entry.entry_id,
             reason=reason, error=error[:500],
@@ -657,17 +667,16 @@ class Consumer:
 
     def _observe(self, entries: list[_Entry], out: _Outcome, seconds: float) -> None:
         group = self.group
-        first = entries[0].event_type
-        stream = str(first) if all(e.event_type is first for e in entries) else "mixed"
-        for outcome, n in (("ok", out.ok), ("duplicate", out.duplicate), ("skipped", out.skipped), ("failed", out.failed)):
+        for (event_type, outcome), n in out.counts.items():
             if n:
-                BUS_MESSAGES.labels(stream, group, outcome).inc(n)
-        for reason, n in out.dead.items():
-            BUS_MESSAGES.labels(stream, group, "dead_lettered").inc(n)
-            BUS_DEAD_LETTERED.labels(stream, group, reason).inc(n)
+                BUS_MESSAGES.labels(event_type, group, outcome).inc(n)
+        for (event_type, reason), n in out.dead.items():
+            BUS_MESSAGES.labels(event_type, group, "dead_lettered").inc(n)
+            BUS_DEAD_LETTERED.labels(event_type, group, reason).inc(n)
         BUS_BATCH_SECONDS.labels(group).observe(seconds)
         BUS_BATCH_SIZE.labels(group).observe(len(entries))
-        oldest_ms = min(int(e.entry_id.split("-", 1)[0]) for e in entries)
+        # the first entry read is the oldest of its stream, and close to the batch's oldest
+        oldest_ms = int(entries[0].entry_id.partition("-")[0])
         BUS_DELIVERY_LATENCY.labels(group).observe(max(0.0, time.time() - oldest_ms / 1000))
 
     # -- reclaiming ----------------------------------------------------------------------------
