@@ -121,3 +121,28 @@ async def test_trace_when_event_flows_through_a_stage_continues_under_one_trace_
     assert seen_logs[0]["trace_id"] == f"{gateway.trace_id:032x}"
     assert seen_logs[0]["span_id"] == f"{span.context.span_id:016x}"
     assert seen_logs[0]["correlation_id"] == source.correlation_id
+
+
+async def test_service_when_trimming_is_on_trims_streams_behind_the_must_persist_group(
+    target: Target, redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    settings = bus_settings(trim_interval_s=0.2, retention_s=0, must_persist_groups="echo")
+    service = Service("echo", core=target.core(http_port=0, log_level="WARNING"), bus=settings)
+    build(service)
+    running = asyncio.create_task(service.run())
+    try:
+        bus = Bus(redis, settings)
+        await eventually(lambda: _true(bool(service.consumers and service.consumers[0].healthy)), timeout=20)
+        await bus.publish_many([order(i) for i in range(30)])
+
+        async def trimmed() -> bool:
+            handled = len(await handled_counts(redis, bus)) == 30
+            left = sum([await redis.xlen(bus.keys.stream(s, EventType.ORDER_REQUESTED)) for s in range(bus.keys.shards)])
+            return handled and left == 0
+
+        await eventually(trimmed, timeout=20)
+        # the outputs have no must-persist group reading them yet: they are all kept
+        assert sum([await redis.xlen(bus.keys.stream(s, EventType.ORDER_VALIDATED)) for s in range(bus.keys.shards)]) == 30
+    finally:
+        service.stop()
+        assert await asyncio.wait_for(running, 15) == 0
