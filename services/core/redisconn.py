@@ -19,7 +19,8 @@ AnyRedis: TypeAlias = Redis | RedisCluster
 
 
 class HiredisPackingConnection(Connection):
-    """redis-py's connection with commands packed by hiredis (C) instead of pure Python.
+    """redis-py's connection with commands packed by hiredis (C) instead of pure Python,
+    and transport errors on write reported as ``ConnectionError``.
 
     Packing is a large share of the client's CPU per event on the bus's hot path (a commit
     script carries a whole batch; a publish pipeline carries one XADD per event).
@@ -29,6 +30,17 @@ class HiredisPackingConnection(Connection):
         if isinstance(args[0], str) and " " in args[0]:  # "CONFIG GET" and the like
             args = (*args[0].split(), *args[1:])
         return [hiredis.pack_command(args)]
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        # A write on a connection that was torn down under it (a peer reset, or a cluster
+        # client dropping a dead node's connections during a failover) leaks the transport's
+        # internal AttributeError/TypeError (redis/redis-py#4287). Neither is a RedisError,
+        # so it would bypass every retry layer: turn it into the ConnectionError it is.
+        try:
+            await super().send_packed_command(command, check_health)
+        except (AttributeError, TypeError) as exc:
+            await self.disconnect(nowait=True)
+            raise ConnectionError(f"connection lost while writing: {exc}") from exc
 
 
 def connect(settings: CoreSettings) -> AnyRedis:
