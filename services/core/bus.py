@@ -4,14 +4,14 @@ Publishing: ``Bus.publish`` / ``Bus.publish_many`` append events to ``<ns>:{shar
 the shard being a stable hash of the event's ``portfolio_id``.
 
 Consuming: a ``Consumer`` reads every shard of the event types it handles, in batches, as one
-member of a consumer group. For each batch read from one shard it
+member of a consumer group (one read covers all shards on a single Redis, one shard on a
+cluster). For each batch it
 
 1. decodes the entries (an entry that is not a valid event goes to the dead-letter stream),
-2. skips events whose route it does not act on, and drops event ids the group already
-   processed,
+2. skips events whose route it does not act on, and drops repeated event ids,
 3. calls the handler of each event, which records its effects on a ``Commit`` (output events,
    state writes in the same shard) instead of writing them itself,
-4. commits the batch with one Lua script, atomically: for every handled event, if the group's
+4. commits the batch with one Lua script (per slot), atomically: for every handled event, if the group's
    dedupe mark for its id is new, the state writes and the output events; then the mark and
    the ack. A crash before that point leaves everything pending, to be redelivered; a crash
    after it loses nothing and repeats nothing.
