@@ -117,7 +117,11 @@ class BusSettings(BaseSettings):
     )
     reclaim_interval_ms: int = Field(5_000, ge=10, le=3_600_000, description="How often pending entries are checked.")
     dedupe_ttl_s: int = Field(
-        86_400, ge=1, le=30 * 86_400, description="How long a consumer group remembers event ids it has processed."
+        900,
+        ge=1,
+        le=7 * 86_400,
+        description="How long a consumer group remembers event ids it has processed; each mark costs ~100 bytes "
+        "of Redis memory, so memory ≈ events/s × groups × this × 100 B.",
     )
     precheck_duplicates: bool = Field(
         False,
