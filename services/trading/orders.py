@@ -216,6 +216,10 @@ class Order:
         whatever the status, so a redelivered fill is harmless even after the order is done.
 
         ``commission`` may be negative (a maker rebate).
+
+        A new fill on a terminal order raises. On a real venue a fill can race a cancel; the
+        order service must decide what to do with such a fill (the position changed either
+        way), which is why this does not silently drop it.
         """
         if fill_id in self.fill_ids:
             return self
