@@ -458,7 +458,14 @@ class Consumer:
         self._streams = {
             bus.keys.stream(s, t): (s, t) for s in self.shards for t in self.handlers
         }
-        units = [self.shards] if not bus.cluster else [[s] for s in self.shards]
+        # A cluster command touches one slot, so each shard needs its own loop there. On a
+        # single Redis a few loops share the shards: while one waits for its commit, another
+        # handles its batch, so the process and Redis work at the same time.
+        if bus.cluster:
+            units = [[s] for s in self.shards]
+        else:
+            loops = min(bus.settings.read_loops, len(self.shards))
+            units = [self.shards[i::loops] for i in range(loops)]
         self._units = [[k for k, (s, _) in self._streams.items() if s in unit] for unit in units]
         self._headers = {
             s: (bus.keys.seen_prefix(s, group), bus.keys.errors(s, group), bus.keys.deadletter(s))

@@ -103,6 +103,13 @@ class BusSettings(BaseSettings):
     batch_size: int = Field(
         512, ge=1, le=10_000, description="Entries one read takes at most, over all the streams it reads together."
     )
+    read_loops: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Read loops per consumer on a single Redis, each over its share of the shards (on a cluster: "
+        "one per shard). Two let handling overlap the previous commit.",
+    )
     block_ms: int = Field(
         500, ge=1, le=30_000, description="How long a read waits for new entries; also bounds how fast a stop is seen."
     )
