@@ -4,8 +4,8 @@ Publishing: ``Bus.publish`` / ``Bus.publish_many`` append events to ``<ns>:{shar
 the shard being a stable hash of the event's ``portfolio_id``.
 
 Consuming: a ``Consumer`` reads every shard of the event types it handles, in batches, as one
-member of a consumer group (one read covers all shards on a single Redis, one shard on a
-cluster). For each batch it
+member of a consumer group (on a single Redis a few read loops share the shards, on a
+cluster each shard has its own). For each batch it
 
 1. decodes the entries (an entry that is not a valid event goes to the dead-letter stream),
 2. skips events whose route it does not act on, and drops repeated event ids,
@@ -425,7 +425,7 @@ class _Outcome:
 class Consumer:
     """One member of a consumer group, reading every shard of the types it handles.
 
-    On a single Redis one read loop covers every shard (one ``XREADGROUP`` over all the
+    On a single Redis ``read_loops`` loops share the shards (one ``XREADGROUP`` over their
     streams, one commit script per read). On a cluster a command may only touch one slot, so
     each shard has its own read loop and commit.
     """
