@@ -52,6 +52,7 @@ from services.core.telemetry import (
     BUS_PENDING,
     BUS_PUBLISHED,
     BUS_RECLAIMED,
+    batch_span,
     consumer_span,
     current_event,
     current_trace_context,
@@ -60,10 +61,12 @@ from services.core.telemetry import (
 )
 
 __all__ = [
+    "Batch",
     "Bus",
     "Commit",
     "Consumer",
     "DeadLetter",
+    "EventHandler",
     "Handler",
     "PermanentError",
     "default_consumer_name",
@@ -78,7 +81,23 @@ class PermanentError(Exception):
     """Raised by a handler for input that can never succeed: dead-lettered at once."""
 
 
-Handler = Callable[[Event[Any], "Commit"], Awaitable[None]]
+EventHandler = Callable[[Event[Any], "Commit"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A handler that takes every event of its types in a batch at once, as a list of
+    ``(event, commit)``: for sinks that write many events in one transaction (the recorder).
+
+    If it raises, every event of the call counts as failed (retried, then dead-lettered);
+    if it returns, each commit is applied as for a per-event handler. Register the same
+    ``Batch`` for several types to receive them in one call.
+    """
+
+    fn: Callable[[list[tuple[Event[Any], "Commit"]]], Awaitable[None]]
+
+
+Handler = EventHandler | Batch
 
 
 def default_consumer_name(service: str) -> str:
@@ -608,45 +627,44 @@ class Consumer:
             todo = fresh
 
         foreign: list[Event[Any]] = []
-        keys = self._keys
         handlers = self.handlers
         traced = tracing.enabled
-        for entry, event, recs in todo:
-            commit = Commit(keys, entry.shard)
+        batched: dict[int, list[tuple[_Entry, Event[Any], list[Any]]]] = {}
+        for item in todo:
+            entry, event, recs = item
+            handler = handlers[entry.event_type]
+            if isinstance(handler, Batch):
+                batched.setdefault(id(handler), []).append(item)
+                continue
+            commit = Commit(self._keys, entry.shard)
             try:
                 if traced:
                     with consumer_span(event, self.group):
-                        await handlers[entry.event_type](event, commit)
+                        await handler(event, commit)
                 else:
                     token = current_event.set(event)
                     try:
-                        await handlers[entry.event_type](event, commit)
+                        await handler(event, commit)
                     finally:
                         current_event.reset(token)
-            except PermanentError as exc:
-                recs.append(self._dead(out, entry, "rejected_by_handler", f"{type(exc).__name__}: {exc}", event.event_id))
-                continue
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if entry.deliveries >= settings.max_deliveries:
-                    recs.append(self._dead(out, entry, "handler_error", error, event.event_id))
-                else:
-                    recs.append(("F", entry.stream, entry.entry_id, error[:2000]))
-                    out.add(entry.event_type, "failed")
-                log.warning(
-                    "handler failed", group=self.group, event_type=str(entry.event_type),
-                    entry_id=entry.entry_id, deliveries=entry.deliveries, error=error,
-                    correlation_id=event.correlation_id,
-                )
+                self._failed(out, entry, event, recs, exc)
                 continue
-            if commit.foreign:
-                foreign += commit.foreign
-            recs.append((
-                "C", entry.stream, entry.entry_id, event.event_id,
-                [(keys.stream(entry.shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs],
-                commit.writes,
-            ))
-            out.add(entry.event_type, "ok")
+            self._succeeded(out, entry, event, recs, commit, foreign)
+
+        for items in batched.values():
+            batch_handler = handlers[items[0][0].event_type]
+            assert isinstance(batch_handler, Batch)
+            commits = [Commit(self._keys, entry.shard) for entry, _, _ in items]
+            try:
+                with batch_span(f"{self.group} batch", [event for _, event, _ in items], group=self.group):
+                    await batch_handler.fn([(event, commit) for (_, event, _), commit in zip(items, commits)])
+            except Exception as exc:
+                for entry, event, recs in items:
+                    self._failed(out, entry, event, recs, exc)
+                continue
+            for (entry, event, recs), commit in zip(items, commits, strict=True):
+                self._succeeded(out, entry, event, recs, commit, foreign)
 
         if foreign:
             await self.bus.publish_many(foreign)
@@ -658,6 +676,36 @@ class Consumer:
                 out.add(types[_s(event_id)], "duplicate")
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
+
+    def _succeeded(
+        self, out: _Outcome, entry: _Entry, event: Event[Any], recs: list[Any], commit: Commit,
+        foreign: list[Event[Any]],
+    ) -> None:
+        if commit.foreign:
+            foreign += commit.foreign
+        stream = self._keys.stream
+        recs.append((
+            "C", entry.stream, entry.entry_id, event.event_id,
+            [(stream(entry.shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs],
+            commit.writes,
+        ))
+        out.add(entry.event_type, "ok")
+
+    def _failed(self, out: _Outcome, entry: _Entry, event: Event[Any], recs: list[Any], exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PermanentError):
+            recs.append(self._dead(out, entry, "rejected_by_handler", error, event.event_id))
+            return
+        if entry.deliveries >= self._settings.max_deliveries:
+            recs.append(self._dead(out, entry, "handler_error", error, event.event_id))
+        else:
+            recs.append(("F", entry.stream, entry.entry_id, error[:2000]))
+            out.add(entry.event_type, "failed")
+        log.warning(
+            "handler failed", group=self.group, event_type=str(entry.event_type),
+            entry_id=entry.entry_id, deliveries=entry.deliveries, error=error,
+            correlation_id=event.correlation_id,
+        )
 
     async def _commit(self, records: dict[int, list[Any]]) -> list[Any]:
         batches = [(*self._headers[shard], recs) for shard, recs in records.items() if recs]

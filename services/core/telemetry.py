@@ -37,6 +37,7 @@ __all__ = [
     "BUS_PENDING",
     "BUS_PUBLISHED",
     "BUS_RECLAIMED",
+    "batch_span",
     "consumer_span",
     "current_event",
     "current_trace_context",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.core.bus import Bus, Commit, Consumer, PermanentError
+from services.core.bus import Batch, Bus, Commit, Consumer, PermanentError
 from services.core.codec import decode_any, encode
 from services.core.events import Event, EventType, OrderValidated, Route
 from services.core.redisconn import AnyRedis
@@ -286,3 +286,37 @@ async def test_publish_when_decimal_amounts_survives_the_wire_exactly(redis: Any
     decoded = decode_any(data)
     assert decoded == event
     assert decoded.payload.quantity == Decimal("0.000000000000000001")
+
+
+async def test_batch_handler_when_registered_for_two_types_gets_them_in_one_call_and_commits_each(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    bus = Bus(redis, bus_settings(shards=1, max_deliveries=5))
+    requested = [order(i, portfolio="pf-sink") for i in range(20)]
+    validated = [e.derive(OrderValidated(
+        order_id=e.payload.order_id, client_order_id=e.payload.client_order_id, symbol=e.payload.symbol,
+        side=e.payload.side, order_type=e.payload.order_type, quantity=e.payload.quantity), "risk") for e in requested[:10]]
+    await bus.publish_many([*requested, *validated])
+    calls: list[int] = []
+
+    async def sink(items: list[tuple[Event[Any], Commit]]) -> None:
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise ConnectionError("database restarting")  # the whole call fails, then is retried
+        for event, commit in items:
+            commit.write("HSET", commit.key("sink"), event.event_id, str(event.event_type))
+
+    recorder = Batch(sink)
+    consumer = Consumer(bus, "sink", {EventType.ORDER_REQUESTED: recorder, EventType.ORDER_VALIDATED: recorder})
+    await run_until(consumer, lambda: _hlen(redis, bus.keys.state(0, "sink"), 30), timeout=30)
+
+    stored = await redis.hgetall(bus.keys.state(0, "sink"))
+    assert {k.decode() for k in stored} == {e.event_id for e in [*requested, *validated]}
+    assert calls[0] == 30  # both types in one call
+    assert sum(calls[1:]) == 30  # every event again after the failure, each committed once
+    assert await bus.backlog("sink", [EventType.ORDER_REQUESTED, EventType.ORDER_VALIDATED]) == 0
+    assert await bus.dead_letters() == []
+
+
+async def _hlen(redis: AnyRedis, key: str, n: int) -> bool:
+    return int(await redis.hlen(key)) >= n
