@@ -1,0 +1,1 @@
+"""ZVT Fleet: the platform core and its services."""
