@@ -87,7 +87,8 @@ EventHandler = Callable[[Event[Any], "Commit"], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class Batch:
     """A handler that takes every event of its types in a batch at once, as a list of
-    ``(event, commit)``: for sinks that write many events in one transaction (the recorder).
+    ``(event, commit)`` in the order Redis appended them: for sinks that write many events in
+    one transaction (the recorder).
 
     If it raises, every event of the call counts as failed (retried, then dead-lettered);
     if it returns, each commit is applied as for a per-event handler. Register the same
@@ -653,6 +654,7 @@ class Consumer:
             self._succeeded(out, entry, event, recs, commit, foreign)
 
         for items in batched.values():
+            items.sort(key=lambda item: _parse_id(item[0].entry_id))  # stream (arrival) order
             batch_handler = handlers[items[0][0].event_type]
             assert isinstance(batch_handler, Batch)
             commits = [Commit(self._keys, entry.shard) for entry, _, _ in items]

@@ -39,6 +39,4 @@ def test_load_when_groups_given_as_csv_splits_them(monkeypatch: pytest.MonkeyPat
 
 
 def test_configuration_doc_when_generated_matches_the_committed_file() -> None:
-    import services.core.runtime  # noqa: F401  (registers every core model)
-
     assert DOC.read_text() == markdown(), "regenerate: python -m services.core.settings > docs/configuration.md"

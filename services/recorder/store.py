@@ -1,0 +1,163 @@
+"""The event store: every event, once, in PostgreSQL (psycopg 3).
+
+It answers the audit trail (``events_for_correlation``) and feeds replay (``events_for_portfolio``).
+Appends are idempotent on ``event_id``: a batch that is written again after a crash inserts
+nothing twice. ``seq`` is the order in which the recorder stored events; within one
+correlation it is causal order, because the recorder writes each batch in stream order and an
+event is only ever published after its cause was read.
+
+The schema is created and upgraded by ``migrate`` (numbered steps, applied once, under an
+advisory lock so that several recorders starting together do not race).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from services.core.codec import decode_any, encode
+from services.core.events import Event
+
+__all__ = ["MIGRATIONS", "EventStore", "StoredEvent"]
+
+_LOCK = 0x7A7674  # advisory lock key of the migrations ("zvt")
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE zvt_events (
+            seq            bigserial PRIMARY KEY,
+            event_id       uuid        NOT NULL UNIQUE,
+            event_type     text        NOT NULL,
+            version        text        NOT NULL,
+            occurred_at    timestamptz NOT NULL,
+            recorded_at    timestamptz NOT NULL DEFAULT now(),
+            portfolio_id   text        NOT NULL,
+            correlation_id text        NOT NULL,
+            causation_id   uuid,
+            order_id       text,
+            route          text        NOT NULL,
+            envelope       jsonb       NOT NULL
+        );
+        CREATE INDEX zvt_events_correlation ON zvt_events (correlation_id, seq);
+        CREATE INDEX zvt_events_order ON zvt_events (order_id, seq) WHERE order_id IS NOT NULL;
+        CREATE INDEX zvt_events_portfolio ON zvt_events (portfolio_id, seq);
+        CREATE INDEX zvt_events_type_time ON zvt_events (event_type, occurred_at);
+        """,
+    ),
+]
+
+_INSERT = """
+    INSERT INTO zvt_events (event_id, event_type, version, occurred_at, portfolio_id,
+                            correlation_id, causation_id, order_id, route, envelope)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (event_id) DO NOTHING
+"""
+
+_COLUMNS = "seq, event_id, recorded_at, envelope::text"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    recorded_at: dt.datetime
+    event: Event[Any]
+
+
+class EventStore:
+    """Append-only store of events over a psycopg connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> EventStore:
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": False}
+        )
+        await pool.open(wait=True, timeout=30)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply the migrations not applied yet; returns the versions applied now."""
+        applied: list[int] = []
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS zvt_schema_migrations ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM zvt_schema_migrations")
+            done = {row[0] for row in await cur.fetchall()}
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO zvt_schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+        return applied
+
+    async def append(self, events: Sequence[Event[Any]]) -> int:
+        """Store events in the given order, in one transaction; returns how many were new."""
+        if not events:
+            return 0
+        rows = [_row(event) for event in events]
+        async with self.pool.connection() as conn, conn.transaction():
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT, rows, returning=False)
+                inserted = cur.rowcount
+        return max(inserted, 0)
+
+    async def events_for_correlation(self, correlation_id: str, limit: int = 10_000) -> list[StoredEvent]:
+        """The audit trail of one order or workflow run, in causal order."""
+        return await self._select("correlation_id = %s", (correlation_id,), limit)
+
+    async def events_for_order(self, order_id: str, limit: int = 10_000) -> list[StoredEvent]:
+        return await self._select("order_id = %s", (order_id,), limit)
+
+    async def events_for_portfolio(self, portfolio_id: str, after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
+        """A portfolio's events in stored order, from ``after_seq`` on: what replay reads."""
+        return await self._select("portfolio_id = %s AND seq > %s", (portfolio_id, after_seq), limit)
+
+    async def count(self) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM zvt_events")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    async def _select(self, where: str, params: tuple[Any, ...], limit: int) -> list[StoredEvent]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM zvt_events WHERE {where} ORDER BY seq LIMIT %s", (*params, limit)
+            )
+            rows = await cur.fetchall()
+        return [StoredEvent(seq=row[0], recorded_at=row[2], event=decode_any(row[3].encode())) for row in rows]
+
+
+def _row(event: Event[Any]) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        str(event.event_type),
+        event.version,
+        event.occurred_at,
+        event.portfolio_id,
+        event.correlation_id,
+        event.causation_id,
+        getattr(event.payload, "order_id", None),
+        str(event.route),
+        Jsonb(encode(event).decode(), dumps=_identity),
+    )
+
+
+def _identity(text: str) -> str:
+    return text
