@@ -29,6 +29,7 @@ import contextlib
 import os
 import socket
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ from services.core.telemetry import (
 
 __all__ = [
     "Batch",
+    "LeaseLost",
     "Bus",
     "Commit",
     "Consumer",
@@ -75,6 +77,14 @@ __all__ = [
 log = get_logger("zvt.bus")
 
 DATA = b"d"  # the one field of a stream entry: the encoded envelope
+
+
+class LeaseLost(Exception):
+    """This consumer no longer owns the shards named: their commit was refused."""
+
+    def __init__(self, shards: list[int]) -> None:
+        super().__init__(f"lease lost for shards {shards}")
+        self.shards = shards
 
 
 class PermanentError(Exception):
@@ -110,7 +120,8 @@ def default_consumer_name(service: str) -> str:
 
 _COMMIT_LUA = """
 -- ARGV[1] group, ARGV[2] dedupe ttl (ms), ARGV[3] msgpack: a list of per-shard batches
---   {seen-prefix, errors-hash, deadletter-stream, records}, each record a list:
+--   {seen-prefix, errors-hash, deadletter-stream, records, lease-key or '', owner};
+-- returns {duplicate event ids, leases found lost}. Each record a list:
 --   {'C', stream, id, event-id, {{out-stream, data}...}, {{command, key, arg...}...}}
 --                                           commit once (mark new: writes and outputs), ack
 --   {'A', stream, id}                       ack only
@@ -118,11 +129,17 @@ _COMMIT_LUA = """
 --   {'F', stream, id, error}                failed: stays pending, the error is remembered
 --   {'X', stream, id}                       forget a past error
 local group, ttl = ARGV[1], ARGV[2]
-local dups = {}
+local dups, lost = {}, {}
 for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
   local prefix, errors, dlq = batch[1], batch[2], batch[3]
   local acks = {}
-  for _, r in ipairs(batch[4]) do
+  local records = batch[4]
+  -- a shard lease (exclusive consumers): a deposed owner's commit is refused whole
+  if batch[5] ~= '' and redis.call('GET', batch[5]) ~= batch[6] then
+    lost[#lost + 1] = batch[5]
+    records = {}
+  end
+  for _, r in ipairs(records) do
     local kind, stream, id = r[1], r[2], r[3]
     local ack = true
     if kind == 'C' then
@@ -153,7 +170,14 @@ for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
     end
   end
 end
-return dups
+return {dups, lost}
+"""
+
+_RENEW_LUA = """
+-- KEYS[1] a lease, ARGV[1] its owner, ARGV[2] ttl ms (0: release); 1 if still ours
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
 """
 
 _SEEN_LUA = """
@@ -211,6 +235,7 @@ class Bus:
         self._commit = redis.register_script(_COMMIT_LUA)
         self._seen = redis.register_script(_SEEN_LUA)
         self._append = redis.register_script(_PUBLISH_LUA)
+        self._renew = redis.register_script(_RENEW_LUA)
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
     def stream_of(self, event: Event[Any]) -> str:
@@ -460,7 +485,10 @@ class Consumer:
         routes: frozenset[Route] = frozenset({Route.STREAM}),
         shards: Iterable[int] | None = None,
         precheck_duplicates: bool | None = None,
+        exclusive: bool = False,
     ) -> None:
+        """``exclusive``: own shards through leases, so that one member of the group at a
+        time handles a shard, in order: for stages that read the state they write."""
         if not handlers:
             raise ValueError("a consumer needs at least one handler")
         self.bus = bus
@@ -487,10 +515,16 @@ class Consumer:
             loops = min(bus.settings.read_loops, len(self.shards))
             units = [self.shards[i::loops] for i in range(loops)]
         self._units = [[k for k, (s, _) in self._streams.items() if s in unit] for unit in units]
+        self.exclusive = exclusive
         self._headers = {
-            s: (bus.keys.seen_prefix(s, group), bus.keys.errors(s, group), bus.keys.deadletter(s))
+            s: (
+                bus.keys.seen_prefix(s, group), bus.keys.errors(s, group), bus.keys.deadletter(s),
+                bus.keys.lease(s, group) if exclusive else "", self.name,
+            )
             for s in self.shards
         }
+        # exclusive consumers: shard -> (stop signal, read loop) of the shards leased now
+        self._owned: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.healthy = False
         self.processed = 0
 
@@ -498,10 +532,13 @@ class Consumer:
 
     async def start(self) -> None:
         await self.bus.ensure_group(self.group, self.handlers)
-        self._tasks = [
-            asyncio.create_task(self._read_loop(unit), name=f"read-{self.group}-{i}")
-            for i, unit in enumerate(self._units)
-        ]
+        if self.exclusive:
+            self._tasks = [asyncio.create_task(self._lease_loop(), name=f"leases-{self.group}")]
+        else:
+            self._tasks = [
+                asyncio.create_task(self._read_loop(unit), name=f"read-{self.group}-{i}")
+                for i, unit in enumerate(self._units)
+            ]
         self._tasks.append(asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.group}"))
         self._tasks.append(asyncio.create_task(self._lag_loop(), name=f"lag-{self.group}"))
         self.healthy = True
@@ -549,7 +586,7 @@ class Consumer:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _read_loop(self, keys: list[str]) -> None:
+    async def _read_loop(self, keys: list[str], halt: asyncio.Event | None = None) -> None:
         streams = self._streams
         redis = self.bus.redis
         # COUNT is per stream: split the batch over the streams read together, so one commit
@@ -560,7 +597,7 @@ class Consumer:
             "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
         )
         backoff = 0.05
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not (halt is not None and halt.is_set()):
             try:
                 reply = await redis.execute_command(*command, keys=keys)
                 if reply:
@@ -573,6 +610,11 @@ class Consumer:
                             entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
                     await self._process(entries)
                 backoff = 0.05
+            except LeaseLost as exc:
+                log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
+                for shard in exc.shards:
+                    self._owned.pop(shard, None)  # not ours to give back
+                return
             except RedisError as exc:
                 log.warning("read failed, retrying", group=self.group, error=str(exc))
                 await self._sleep(backoff)
@@ -710,14 +752,21 @@ class Consumer:
         )
 
     async def _commit(self, records: dict[int, list[Any]]) -> list[Any]:
-        batches = [(*self._headers[shard], recs) for shard, recs in records.items() if recs]
+        batches = [
+            (prefix, errors, dlq, recs, lease, owner)
+            for shard, recs in records.items()
+            if recs
+            for prefix, errors, dlq, lease, owner in (self._headers[shard],)
+        ]
         if not batches:
             return []
         route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
-        dups: list[Any] = await self.bus._commit(
+        dups, lost = await self.bus._commit(
             keys=[route], args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
         )
-        return dups
+        if lost:
+            raise LeaseLost(sorted(s for s in records if self._headers[s][3].encode() in lost))
+        return list(dups)
 
     def _dead(self, out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> tuple[Any, ...]:
         key = (entry.event_type, reason)
@@ -769,6 +818,8 @@ class Consumer:
                 break
             try:
                 await self.reclaim()
+            except LeaseLost as exc:
+                log.warning("shard lease lost while reclaiming", group=self.group, shards=exc.shards)
             except RedisError as exc:
                 log.warning("reclaim failed", group=self.group, error=str(exc))
             except Exception:
@@ -781,6 +832,8 @@ class Consumer:
         for stream, (shard, event_type) in self._streams.items():
             if self._stopping.is_set():
                 break
+            if self.exclusive and shard not in self._owned:
+                continue
             total += await self._reclaim_stream(shard, stream, event_type)
         return total
 
@@ -826,6 +879,116 @@ class Consumer:
         await self._commit({shard: records})
         self._observe(entries, out, 0.0)
 
+    # -- shard leases (exclusive consumers) -----------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        """Hold a fair share of the shards: renew what is ours, give back what is too much,
+        take free shards up to the share. A shard taken over is first cleared of the pending
+        entries of its previous owner, oldest first, so each shard keeps its order."""
+        ttl = self._settings.lease_ttl_ms
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._balance(ttl)
+                except RedisError as exc:
+                    log.warning("lease upkeep failed", group=self.group, error=str(exc))
+                except Exception:
+                    log.exception("unexpected error in lease upkeep", group=self.group)
+                await self._sleep(ttl / 3000)
+        finally:
+            for shard in list(self._owned):
+                await self._drop(shard, release=True)
+            with contextlib.suppress(RedisError):
+                await self.bus.redis.zrem(self._keys.members(self.group), self.name)
+
+    async def _balance(self, ttl: int) -> None:
+        redis = self.bus.redis
+        members = self._keys.members(self.group)
+        now = int(time.time() * 1000)
+        await redis.zadd(members, {self.name: now + ttl})
+        await redis.zremrangebyscore(members, 0, now)
+        live = max(1, int(await redis.zcard(members)))
+        fair = -(-len(self.shards) // live)
+        for shard in list(self._owned):
+            owned = self._owned.get(shard)
+            if owned is None:
+                continue  # its read loop found the lease lost meanwhile
+            done = owned[1].done()
+            if done or not await self._renew_lease(shard, ttl):
+                await self._drop(shard, release=not done)
+        while len(self._owned) > fair:
+            await self._drop(max(self._owned), release=True)
+        if len(self._owned) < fair:
+            start = shard_offset(self.name, len(self.shards))
+            for shard in self.shards[start:] + self.shards[:start]:
+                if len(self._owned) >= fair or self._stopping.is_set():
+                    break
+                if shard not in self._owned and await redis.set(
+                    self._keys.lease(shard, self.group), self.name, nx=True, px=ttl
+                ):
+                    await self._own(shard)
+
+    async def _renew_lease(self, shard: int, ttl: int) -> bool:
+        key = self._keys.lease(shard, self.group)
+        return bool(await self.bus._renew(keys=[key], args=[self.name, ttl]))
+
+    async def _own(self, shard: int) -> None:
+        streams = [k for k, (s, _) in self._streams.items() if s == shard]
+        await self._take_over(shard, streams)
+        halt = asyncio.Event()
+        task = asyncio.create_task(self._read_loop(streams, halt), name=f"read-{self.group}-{shard}")
+        self._owned[shard] = (halt, task)
+        log.info("shard leased", group=self.group, consumer=self.name, shard=shard)
+
+    async def _take_over(self, shard: int, streams: list[str]) -> None:
+        """Handle the entries still pending in this shard (delivered to a previous owner, or
+        to this consumer before a restart) before reading anything new."""
+        redis = self.bus.redis
+        for stream in streams:
+            event_type = self._streams[stream][1]
+            while True:
+                pending = await redis.xpending_range(stream, self.group, min="-", max="+", count=self._settings.batch_size)
+                if not pending:
+                    break
+                deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                claimed: Any = await redis.xclaim(
+                    stream, self.group, self.name, min_idle_time=0, message_ids=list(deliveries)
+                )
+                entries = [
+                    _Entry(shard, stream, event_type, _s(eid), fields.get(DATA), deliveries.get(_s(eid), 0) + 1)
+                    for eid, fields in claimed
+                    if fields is not None
+                ]
+                if claimed:
+                    BUS_RECLAIMED.labels(event_type, self.group).inc(len(claimed))
+                limit = self._settings.max_deliveries
+                exhausted = [e for e in entries if e.deliveries > limit]
+                if exhausted:
+                    await self._dead_letter_exhausted(shard, exhausted)
+                fresh = [e for e in entries if e.deliveries <= limit]
+                if fresh:
+                    await self._process(fresh)
+                if len(pending) < self._settings.batch_size:
+                    break
+
+    async def _drop(self, shard: int, *, release: bool) -> None:
+        """Stop reading a shard (its batch in hand is finished first) and give it back."""
+        owned = self._owned.pop(shard, None)
+        if owned is None:
+            return
+        halt, task = owned
+        halt.set()
+        with contextlib.suppress(Exception):
+            await task
+        if release:
+            with contextlib.suppress(RedisError):
+                await self.bus._renew(keys=[self._keys.lease(shard, self.group)], args=[self.name, 0])
+        log.info("shard released", group=self.group, consumer=self.name, shard=shard)
+
+    @property
+    def owned_shards(self) -> list[int]:
+        return sorted(self._owned)
+
     # -- lag -------------------------------------------------------------------------------
 
     async def _lag_loop(self) -> None:
@@ -847,6 +1010,12 @@ class Consumer:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def shard_offset(name: str, shards: int) -> int:
+    """Where a consumer starts looking for free shards: spread, so that members joining
+    together do not all race for shard 0."""
+    return zlib.crc32(name.encode()) % max(1, shards)
 
 
 def _data(fields: list[bytes] | None) -> bytes | None:

@@ -43,6 +43,14 @@ class Keys:
     def errors(self, shard: int, group: str) -> str:
         return f"{self.namespace}:{{{shard}}}:errors:{group}"
 
+    def lease(self, shard: int, group: str) -> str:
+        """Who owns shard ``shard`` for ``group`` (exclusive consumers)."""
+        return f"{self.namespace}:{{{shard}}}:lease:{group}"
+
+    def members(self, group: str) -> str:
+        """The live members of ``group`` with their heartbeat expiry (exclusive consumers)."""
+        return self.global_key("members", group)
+
     def state(self, shard: int, *parts: str) -> str:
         """A state key of shard ``shard`` (order records, positions, limits)."""
         return ":".join((f"{self.namespace}:{{{shard}}}", *parts))

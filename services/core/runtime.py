@@ -73,7 +73,7 @@ class Service:
         self.redis: AnyRedis | None = None
         self.bus: Bus | None = None
         self.consumers: list[Consumer] = []
-        self._consumer_specs: list[tuple[str, Mapping[EventType, Handler], frozenset[Route]]] = []
+        self._consumer_specs: list[tuple[str, Mapping[EventType, Handler], frozenset[Route], bool]] = []
         self._task_factories: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: dict[str, ReadinessCheck] = {}
@@ -92,9 +92,11 @@ class Service:
         handlers: Mapping[EventType, Handler],
         *,
         routes: frozenset[Route] = frozenset({Route.STREAM}),
+        exclusive: bool = False,
     ) -> None:
-        """Join consumer group ``group`` for these event types."""
-        self._consumer_specs.append((group, handlers, routes))
+        """Join consumer group ``group`` for these event types; ``exclusive`` for stages that
+        read the state they write (one member per shard at a time, see ``Consumer``)."""
+        self._consumer_specs.append((group, handlers, routes, exclusive))
 
     def background(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a coroutine for the life of the process; it should return when ``stopping``."""
@@ -136,8 +138,8 @@ class Service:
             await self._start_http()
             for hook in self._startup:
                 await hook(self)
-            for group, handlers, routes in self._consumer_specs:
-                consumer = Consumer(self.bus, group, handlers, routes=routes)
+            for group, handlers, routes, exclusive in self._consumer_specs:
+                consumer = Consumer(self.bus, group, handlers, routes=routes, exclusive=exclusive)
                 await consumer.start()
                 self.consumers.append(consumer)
             if self.consumers and self.bus_settings.trim_interval_s > 0:

@@ -143,6 +143,13 @@ class BusSettings(BaseSettings):
         description="Comma-separated groups whose unacknowledged entries are never trimmed.",
     )
     trim_interval_s: float = Field(30.0, ge=0, le=86_400, description="How often streams are trimmed; 0 turns it off.")
+    lease_ttl_ms: int = Field(
+        10_000,
+        ge=300,
+        le=600_000,
+        description="Shard lease lifetime of exclusive consumers; renewed every third of it. A dead owner's "
+        "shards move after at most this long.",
+    )
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="How often consumer-group lag is measured.")
 
     @field_validator("must_persist_groups", mode="before")

@@ -2,7 +2,8 @@
 
 It consumes ``order.requested`` as group ``echo``, re-emits a derived ``order.validated``, and
 counts each committed handling per order id in a hash of the event's shard, inside the same
-atomic commit. ``ZVT_ECHO_DELAY_MS`` makes every handling slow, so a test can kill it mid-batch.
+atomic commit. ``ZVT_ECHO_DELAY_MS`` makes every handling slow, so a test can kill it mid-batch;
+``ZVT_ECHO_EXCLUSIVE=1`` makes it an exclusive (shard-leasing) consumer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from services.core.events import Event, EventType, OrderRequested, OrderValidate
 from services.core.runtime import Service, main
 
 DELAY = float(os.environ.get("ZVT_ECHO_DELAY_MS", "0")) / 1000
+EXCLUSIVE = os.environ.get("ZVT_ECHO_EXCLUSIVE") == "1"
 
 
 async def handle(event: Event[Any], commit: Commit) -> None:
@@ -35,7 +37,7 @@ async def handle(event: Event[Any], commit: Commit) -> None:
 
 
 def build(service: Service) -> None:
-    service.consume("echo", {EventType.ORDER_REQUESTED: handle})
+    service.consume("echo", {EventType.ORDER_REQUESTED: handle}, exclusive=EXCLUSIVE)
 
 
 if __name__ == "__main__":
