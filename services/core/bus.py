@@ -180,6 +180,15 @@ if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEY
 return 1
 """
 
+_ACQUIRE_LUA = """
+-- KEYS[1] a lease, ARGV[1] the candidate, ARGV[2] ttl ms; 1 if it is the candidate's now
+-- (free, or already its own: a member restarted under the same name keeps its shards)
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 _SEEN_LUA = """
 -- ARGV[1] msgpack: a list of {seen-prefix, {event-id...}}; returns 1 or 0 per id, in order
 local out = {}
@@ -236,6 +245,7 @@ class Bus:
         self._seen = redis.register_script(_SEEN_LUA)
         self._append = redis.register_script(_PUBLISH_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
     def stream_of(self, event: Event[Any]) -> str:
@@ -923,8 +933,8 @@ class Consumer:
             for shard in self.shards[start:] + self.shards[:start]:
                 if len(self._owned) >= fair or self._stopping.is_set():
                     break
-                if shard not in self._owned and await redis.set(
-                    self._keys.lease(shard, self.group), self.name, nx=True, px=ttl
+                if shard not in self._owned and await self.bus._acquire(
+                    keys=[self._keys.lease(shard, self.group)], args=[self.name, ttl]
                 ):
                     await self._own(shard)
 
@@ -946,10 +956,16 @@ class Consumer:
         redis = self.bus.redis
         for stream in streams:
             event_type = self._streams[stream][1]
+            start = "-"
             while True:
-                pending = await redis.xpending_range(stream, self.group, min="-", max="+", count=self._settings.batch_size)
+                # Page through once: an entry whose handler fails here is retried later by the
+                # reclaimer after its idle time, not again and again in this loop.
+                pending = await redis.xpending_range(
+                    stream, self.group, min=start, max="+", count=self._settings.batch_size
+                )
                 if not pending:
                     break
+                start = "(" + _s(pending[-1]["message_id"])
                 deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
                 claimed: Any = await redis.xclaim(
                     stream, self.group, self.name, min_idle_time=0, message_ids=list(deliveries)
