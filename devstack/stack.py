@@ -74,7 +74,9 @@ CLUSTER_SLOTS = 16384
 CLUSTER_MASTERS = 3
 CLUSTER_NODE_TIMEOUT_MS = 2000
 
-POSTGRES_PORT = 55432
+# Below the kernel's ephemeral range (32768-60999): a port in it can be taken at random by
+# an outgoing connection of the test run itself, and then PostgreSQL cannot bind it.
+POSTGRES_PORT = 15432
 POSTGRES_USER = "zvt"
 POSTGRES_PASSWORD = "zvt"
 POSTGRES_DB = "zvt"
@@ -878,7 +880,7 @@ def _initdb() -> None:
 
 
 def ensure_postgres() -> str:
-    """Start the local PostgreSQL 15 on 127.0.0.1:55432 unless it runs; return its DSN."""
+    """Start the local PostgreSQL 15 on 127.0.0.1:15432 unless it runs; return its DSN."""
     pg_ctl = _pg_tool("pg_ctl")
     _pg_tool("initdb")
     with _locked():
@@ -888,7 +890,11 @@ def ensure_postgres() -> str:
         if _pg_pid() is None:
             logfile = _pg_dir() / "postgres.log"
             proc = _run(
-                _as_pg_user([pg_ctl, "-D", str(_pg_data().resolve()), "-l", str(logfile.resolve()), "-w", "-t", "60", "start"]),
+                _as_pg_user([
+                    pg_ctl, "-D", str(_pg_data().resolve()), "-l", str(logfile.resolve()),
+                    # the port on the command line wins over a data folder made with another
+                    "-o", f"-p {POSTGRES_PORT}", "-w", "-t", "60", "start",
+                ]),
                 timeout=90,
                 cwd=_pg_dir(),
                 new_session=True,

@@ -106,7 +106,7 @@ class TestPostgres:
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout.split()
 
-        assert postgres_dsn == "postgresql://zvt:zvt@127.0.0.1:55432/zvt"
+        assert postgres_dsn == "postgresql://zvt:zvt@127.0.0.1:15432/zvt"
         assert out == ["1", "UTC"]
 
     def test_ensure_postgres_when_already_running_returns_same_dsn_and_pid(self, postgres_dsn: str) -> None:

@@ -17,7 +17,7 @@ class RecorderSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZVT_RECORDER_", extra="ignore", frozen=True)
 
     postgres_dsn: str = Field(
-        "postgresql://zvt:zvt@127.0.0.1:55432/zvt",
+        "postgresql://zvt:zvt@127.0.0.1:15432/zvt",
         pattern=r"^postgres(ql)?://",
         description="PostgreSQL of the event store (a secret in production: pass it by reference).",
     )
