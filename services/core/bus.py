@@ -642,7 +642,6 @@ class Consumer:
     async def _process(self, entries: list[_Entry]) -> None:
         """Decode, filter, handle and commit entries (of one slot on a cluster)."""
         started = time.perf_counter()
-        settings = self._settings
         out = _Outcome()
         records: dict[int, list[Any]] = {}
         todo: list[tuple[_Entry, Event[Any], list[Any]]] = []
@@ -855,12 +854,19 @@ class Consumer:
         )
         if not pending:
             return 0
+        return await self._claim_and_handle(shard, stream, event_type, pending, idle)
+
+    async def _claim_and_handle(
+        self, shard: int, stream: str, event_type: EventType, pending: list[Any], min_idle: int
+    ) -> int:
+        """Claim these pending entries for this consumer and handle them; dead-letter those
+        already delivered ``max_deliveries`` times. Returns how many were claimed."""
         deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        claimed: Any = await redis.xclaim(
-            stream, self.group, self.name, min_idle_time=idle, message_ids=list(deliveries)
+        claimed: Any = await self.bus.redis.xclaim(
+            stream, self.group, self.name, min_idle_time=min_idle, message_ids=list(deliveries)
         )
-        entries: list[_Entry] = []
         limit = self._settings.max_deliveries
+        entries: list[_Entry] = []
         exhausted: list[_Entry] = []
         for eid, fields in claimed:
             entry_id = _s(eid)
@@ -966,24 +972,7 @@ class Consumer:
                 if not pending:
                     break
                 start = "(" + _s(pending[-1]["message_id"])
-                deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-                claimed: Any = await redis.xclaim(
-                    stream, self.group, self.name, min_idle_time=0, message_ids=list(deliveries)
-                )
-                entries = [
-                    _Entry(shard, stream, event_type, _s(eid), fields.get(DATA), deliveries.get(_s(eid), 0) + 1)
-                    for eid, fields in claimed
-                    if fields is not None
-                ]
-                if claimed:
-                    BUS_RECLAIMED.labels(event_type, self.group).inc(len(claimed))
-                limit = self._settings.max_deliveries
-                exhausted = [e for e in entries if e.deliveries > limit]
-                if exhausted:
-                    await self._dead_letter_exhausted(shard, exhausted)
-                fresh = [e for e in entries if e.deliveries <= limit]
-                if fresh:
-                    await self._process(fresh)
+                await self._claim_and_handle(shard, stream, event_type, pending, 0)
                 if len(pending) < self._settings.batch_size:
                     break
 

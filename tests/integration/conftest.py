@@ -4,6 +4,7 @@ three-master cluster, each in a namespace of its own."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -106,10 +107,14 @@ def order(i: int, portfolio: str | None = None, **extra: Any) -> Event[Any]:
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, interval: float = 0.05) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, interval: float = 0.05
+) -> None:
+    """Poll ``check`` (plain or async) until it holds, or fail after ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        if await check():
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")

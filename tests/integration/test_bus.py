@@ -4,7 +4,6 @@ letters, routes, lag and trimming."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -38,11 +37,7 @@ class Recorder:
 async def run_until(consumer: Consumer, check: Callable[[], Any], timeout: float = 20) -> None:
     await consumer.start()
     try:
-        async def done() -> bool:
-            result = check()
-            return bool(await result) if inspect.isawaitable(result) else bool(result)
-
-        await eventually(done, timeout)
+        await eventually(check, timeout)
     finally:
         consumer.stop()
         assert await consumer.wait(10)
@@ -98,7 +93,7 @@ async def test_consumer_when_same_event_id_reemitted_drops_the_duplicate(
         await bus.publish(copy)  # and a copy long after the first was committed
         await bus.publish(again)
         # All share a portfolio, so one shard: once the last is handled, so is the copy.
-        await eventually(lambda: _true(again.event_id in handler.seen))
+        await eventually(lambda: again.event_id in handler.seen)
     finally:
         consumer.stop()
         assert await consumer.wait(10)
@@ -114,9 +109,6 @@ async def test_consumer_when_same_event_id_reemitted_drops_the_duplicate(
 async def _outputs(redis: AnyRedis, bus: Bus, n: int) -> bool:
     return await stream_total(redis, bus, EventType.ORDER_VALIDATED) >= n
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _drained(bus: Bus) -> bool:

@@ -18,9 +18,6 @@ from tests.integration.conftest import eventually, handled_counts, order, stream
 from tests.integration.echo_service import handle as echo
 
 
-async def _true(value: bool) -> bool:
-    return value
-
 
 async def test_exclusive_consumers_when_two_share_a_group_split_the_shards_and_keep_each_portfolio_in_order(
     redis: AnyRedis, bus_settings: Callable[..., BusSettings]
@@ -37,11 +34,11 @@ async def test_exclusive_consumers_when_two_share_a_group_split_the_shards_and_k
     second = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: handler}, name="second", exclusive=True)
     await first.start()
     try:
-        await eventually(lambda: _true(len(first.owned_shards) == 8))
+        await eventually(lambda: len(first.owned_shards) == 8)
         await bus.publish_many([order(i, portfolio=f"pf-{i % 12}") for i in range(300)])
         await second.start()  # joins while the first is busy: the shards are rebalanced
         await bus.publish_many([order(i, portfolio=f"pf-{i % 12}") for i in range(300, 600)])
-        await eventually(lambda: _true(len(first.owned_shards) == 4 and len(second.owned_shards) == 4))
+        await eventually(lambda: len(first.owned_shards) == 4 and len(second.owned_shards) == 4)
         await bus.publish_many([order(i, portfolio=f"pf-{i % 12}") for i in range(600, 900)])
 
         async def all_handled() -> bool:
@@ -112,7 +109,7 @@ async def test_exclusive_commit_when_the_lease_was_taken_meanwhile_is_refused_wh
         await asyncio.wait_for(entered.wait(), 10)
         await redis.set(bus.keys.lease(0, "echo"), "usurper")  # another member owns it now
         release.set()
-        await eventually(lambda: _true(consumer.owned_shards == []), timeout=10)
+        await eventually(lambda: consumer.owned_shards == [], timeout=10)
     finally:
         consumer.stop()
         await consumer.wait(10)

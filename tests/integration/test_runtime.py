@@ -33,7 +33,7 @@ async def test_service_when_running_answers_probes_and_exports_bus_metrics(
     build(service)
     running = asyncio.create_task(service.run())
     try:
-        await eventually(lambda: _true(bool(service.consumers and service.consumers[0].healthy)), timeout=20)
+        await eventually(lambda: bool(service.consumers and service.consumers[0].healthy), timeout=20)
         base = f"http://127.0.0.1:{service.http_port}"
         async with httpx.AsyncClient(base_url=base) as http:
             assert (await http.get("/healthz")).json()["status"] == "ok"
@@ -55,9 +55,6 @@ async def test_service_when_running_answers_probes_and_exports_bus_metrics(
         service.stop()
         assert await asyncio.wait_for(running, 15) == 0
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 @pytest.fixture
@@ -132,7 +129,7 @@ async def test_service_when_trimming_is_on_trims_streams_behind_the_must_persist
     running = asyncio.create_task(service.run())
     try:
         bus = Bus(redis, settings)
-        await eventually(lambda: _true(bool(service.consumers and service.consumers[0].healthy)), timeout=20)
+        await eventually(lambda: bool(service.consumers and service.consumers[0].healthy), timeout=20)
         await bus.publish_many([order(i) for i in range(30)])
 
         async def trimmed() -> bool:
