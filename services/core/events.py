@@ -28,6 +28,7 @@ __all__ = [
     "EventType",
     "ExchangeRouted",
     "Liquidity",
+    "OrderCancelRequested",
     "OrderCanceled",
     "OrderCreated",
     "OrderExecuted",
@@ -69,6 +70,7 @@ class EventType(enum.StrEnum):
     ORDER_EXECUTED = "order.executed"
     ORDER_FAILED = "order.failed"
     ORDER_CANCELED = "order.canceled"
+    ORDER_CANCEL_REQUESTED = "order.cancel_requested"
     POSITION_UPDATED = "position.updated"
     PORTFOLIO_UPDATED = "portfolio.updated"
     PORTFOLIO_REBALANCED = "portfolio.rebalanced"
@@ -274,6 +276,19 @@ class OrderCanceled(Payload, frozen=True, kw_only=True):
     canceled_quantity: Decimal
 
 
+class OrderCancelRequested(Payload, frozen=True, kw_only=True):
+    """A client asked to cancel an order (``DELETE /v1/orders/{id}``); routing acts on it.
+
+    Not in the seeds' catalog: the public API's cancel needs a request that travels in the
+    order's shard, behind the events that created it.
+    """
+
+    EVENT_TYPE = EventType.ORDER_CANCEL_REQUESTED
+    order_id: str
+    client_order_id: str
+    requested_by: str | None = None
+
+
 class PositionUpdated(Payload, frozen=True, kw_only=True):
     EVENT_TYPE = EventType.POSITION_UPDATED
     symbol: str
@@ -385,6 +400,7 @@ CATALOG: dict[EventType, type[Payload]] = {
         OrderExecuted,
         OrderFailed,
         OrderCanceled,
+        OrderCancelRequested,
         PositionUpdated,
         PortfolioUpdated,
         PortfolioRebalanced,

@@ -1,0 +1,329 @@
+"""Hot state in Redis: the records the trading services keep, and where each one lives.
+
+Every record of a portfolio sits under its shard's hash tag (``<ns>:{k}:...``), in the same
+Redis Cluster slot as the portfolio's streams, so a stage commits its state change with its
+output events and its ack in one script. One owner writes each record:
+
+============================  ===================  =============================================
+key (shard k of portfolio p)  owner                what
+============================  ===================  =============================================
+``order:<order_id>``          gateway creates,     ``OrderRecord``: status, fills, reject reason
+                              order service after
+``coid:<p>:<client_order_id>`` gateway             the order id a client order id was given
+``orders:<p>``                gateway              sorted set of order ids by creation time
+``portfolio:<p>``             gateway (admin API)  ``PortfolioRecord``: limits, trading state
+``balances:<p>``              portfolio service    hash asset -> Decimal (the admin API seeds it)
+``positions:<p>``             portfolio service    hash symbol -> ``PositionRecord``
+``risk:<p>``                  risk service         ``RiskRecord``: recent orders, reservations
+``resting:<p>``               routing service      hash order id -> ``RestingOrder``
+``cancel:<order_id>``         routing service      a cancel that overtook its order
+============================  ===================  =============================================
+
+Outside the shards: ``<ns>:global:marks`` (hash symbol -> mark price, written by the price
+feed) and the API keys (``<ns>:global:apikey:<sha256 of the secret>``).
+
+Records are msgpack (msgspec); Decimals travel as strings, timestamps are UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+import os
+import time
+from typing import Any, TypeVar
+
+import msgspec
+
+from services.core.events import OrderType, Route, Side, TimeInForce, TradingState, UtcDatetime
+from services.core.keys import Keys
+from services.trading.money import ZERO
+from services.trading.orders import TERMINAL, Order, OrderStatus
+from services.trading.positions import Position
+from services.trading.risk import RiskLimits
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Fill",
+    "OrderRecord",
+    "PortfolioRecord",
+    "PositionRecord",
+    "RestingOrder",
+    "RiskRecord",
+    "StateKeys",
+    "decode_balances",
+    "dump",
+    "load",
+    "new_order_id",
+    "shard_of_order_id",
+]
+
+
+class Fill(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    fill_id: str
+    quantity: Decimal
+    price: Decimal
+    commission: Decimal
+    commission_asset: str
+    liquidity: str
+    venue: str
+    at: UtcDatetime
+
+
+class OrderRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An order as the platform knows it; the order service moves it through the state machine
+    of ``services.trading.orders``."""
+
+    order_id: str
+    client_order_id: str
+    portfolio_id: str
+    correlation_id: str
+    symbol: str
+    side: Side
+    order_type: OrderType
+    quantity: Decimal
+    price: Decimal | None = None
+    time_in_force: TimeInForce = TimeInForce.GTC
+    requested_venue: str | None = None
+    status: OrderStatus = OrderStatus.REQUESTED
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    venue: str | None = None
+    filled_quantity: Decimal = ZERO
+    avg_fill_price: Decimal | None = None
+    commission: Decimal = ZERO
+    commission_asset: str | None = None
+    fill_notional: Decimal = ZERO
+    reject_code: str | None = None
+    reject_reason: str | None = None
+    fills: tuple[Fill, ...] = ()
+    body_hash: str = ""
+    route: Route = Route.STREAM
+    requested_by: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_order(self) -> Order:
+        return Order(
+            order_id=self.order_id,
+            client_order_id=self.client_order_id,
+            portfolio_id=self.portfolio_id,
+            symbol=self.symbol,
+            side=self.side,
+            order_type=self.order_type,
+            quantity=self.quantity,
+            price=self.price,
+            time_in_force=self.time_in_force,
+            status=self.status,
+            updated_at=self.updated_at,
+            filled_quantity=self.filled_quantity,
+            avg_fill_price=self.avg_fill_price,
+            commission=self.commission,
+            reject_reason=self.reject_reason,
+            fill_ids=frozenset(f.fill_id for f in self.fills),
+            venue=self.venue,
+            fill_notional=self.fill_notional,
+        )
+
+    def with_order(self, order: Order, **changes: Any) -> OrderRecord:
+        """This record after the domain moved its order to ``order`` (plus ``changes``)."""
+        return msgspec.structs.replace(
+            self,
+            status=order.status,
+            updated_at=order.updated_at,
+            venue=order.venue,
+            filled_quantity=order.filled_quantity,
+            avg_fill_price=order.avg_fill_price,
+            commission=order.commission,
+            fill_notional=order.fill_notional,
+            reject_reason=order.reject_reason,
+            **changes,
+        )
+
+
+class LimitsRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    max_notional_per_order: Decimal
+    max_position_per_symbol: Decimal
+    price_band: Decimal
+    max_orders_per_window: int
+    window_seconds: int
+
+    def to_limits(self) -> RiskLimits:
+        return RiskLimits(
+            max_notional_per_order=self.max_notional_per_order,
+            max_position_per_symbol=self.max_position_per_symbol,
+            price_band=self.price_band,
+            max_orders_per_window=self.max_orders_per_window,
+            window_seconds=self.window_seconds,
+        )
+
+
+DEFAULT_LIMITS = LimitsRecord(
+    max_notional_per_order=Decimal("1000000"),
+    max_position_per_symbol=Decimal("1000"),
+    price_band=Decimal("0.05"),
+    max_orders_per_window=1000,
+    window_seconds=1,
+)
+"""Limits of a portfolio created without any."""
+
+
+class PortfolioRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    portfolio_id: str
+    base_currency: str = "USDT"
+    limits: LimitsRecord = DEFAULT_LIMITS
+    trading_state: TradingState = TradingState.ACTIVE
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class PositionRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    symbol: str
+    quantity: Decimal = ZERO
+    cost_basis: Decimal = ZERO
+    realized_pnl: Decimal = ZERO
+    fills: int = 0
+    updated_at: UtcDatetime | None = None
+
+    def to_position(self) -> Position:
+        return Position(
+            symbol=self.symbol, quantity=self.quantity, cost_basis=self.cost_basis, realized_pnl=self.realized_pnl
+        )
+
+    @classmethod
+    def of(cls, position: Position, fills: int, at: dt.datetime) -> PositionRecord:
+        return cls(
+            symbol=position.symbol,
+            quantity=position.quantity,
+            cost_basis=position.cost_basis,
+            realized_pnl=position.realized_pnl,
+            fills=fills,
+            updated_at=at,
+        )
+
+
+class Reservation(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    asset: str
+    amount: Decimal
+
+
+class RiskRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What the risk service remembers of a portfolio between orders."""
+
+    recent: tuple[int, ...] = ()
+    """Epoch milliseconds of the orders approved in the current rate window."""
+    open: dict[str, Reservation] = {}
+    """Funds set aside for each approved order that has not finished yet."""
+
+
+class RestingOrder(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A limit order resting at a venue (what its immediate match left open)."""
+
+    order_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    price: Decimal
+    quantity: Decimal
+    filled_quantity: Decimal
+    venue: str
+    venue_order_id: str
+    fills: int
+    since: UtcDatetime
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def dump(record: msgspec.Struct) -> bytes:
+    return _encoder.encode(record)
+
+
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+
+
+T = TypeVar("T")
+
+
+def load(cls: type[T], data: bytes) -> T:
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.msgpack.Decoder(cls)
+    result: T = decoder.decode(data)
+    return result
+
+
+def decode_balances(raw: dict[Any, Any]) -> dict[str, Decimal]:
+    return {(k.decode() if isinstance(k, bytes) else k): Decimal(v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+
+
+def new_order_id(shard: int) -> str:
+    """A fresh order id: a UUIDv7 (time-ordered) whose last four hex digits are the order's
+    shard, so ``GET /v1/orders/{id}`` finds the record without an index."""
+    if not 0 <= shard < 0x10000:
+        raise ValueError("shard out of range")
+    h = f"{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}" + os.urandom(8).hex() + f"{shard:04x}"
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+
+
+def shard_of_order_id(order_id: str) -> int | None:
+    """The shard an order id names, or ``None`` if it is not one of ours."""
+    if len(order_id) != 36 or order_id[14] != "7":
+        return None
+    try:
+        return int(order_id[-4:], 16)
+    except ValueError:
+        return None
+
+
+class StateKeys:
+    """Key names of the hot state (module docstring)."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def shard(self, portfolio_id: str) -> int:
+        return self.keys.shard_of(portfolio_id)
+
+    def order(self, portfolio_id: str, order_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "order", order_id)
+
+    def order_in_shard(self, shard: int, order_id: str) -> str:
+        return self.keys.state(shard, "order", order_id)
+
+    def client_order(self, portfolio_id: str, client_order_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "coid", portfolio_id, client_order_id)
+
+    def orders(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "orders", portfolio_id)
+
+    def portfolio(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "portfolio", portfolio_id)
+
+    def balances(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "balances", portfolio_id)
+
+    def positions(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "positions", portfolio_id)
+
+    def risk(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "risk", portfolio_id)
+
+    def resting(self, portfolio_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "resting", portfolio_id)
+
+    def cancel(self, portfolio_id: str, order_id: str) -> str:
+        return self.keys.state(self.keys.shard_of(portfolio_id), "cancel", order_id)
+
+    def marks(self) -> str:
+        return self.keys.global_key("marks")
+
+    def api_key(self, secret_hash: str) -> str:
+        return self.keys.global_key("apikey", secret_hash)
+
+    def api_key_index(self) -> str:
+        """Hash key id -> secret hash, to revoke a key by its id."""
+        return self.keys.global_key("apikeys")
