@@ -101,7 +101,8 @@ class Batch:
     one transaction (the recorder).
 
     If it raises, every event of the call counts as failed (retried, then dead-lettered);
-    if it returns, each commit is applied as for a per-event handler. Register the same
+    if it returns, each commit is applied as for a per-event handler, except those it marked
+    with ``Commit.fail`` (handled as if that event's handler had raised). Register the same
     ``Batch`` for several types to receive them in one call.
     """
 
@@ -399,7 +400,7 @@ class Commit:
     harmless). ``write`` a Redis command whose first argument is a key of this shard.
     """
 
-    __slots__ = ("_keys", "foreign", "outputs", "shard", "writes")
+    __slots__ = ("_keys", "error", "foreign", "outputs", "shard", "writes")
 
     def __init__(self, keys: Keys, shard: int) -> None:
         self._keys = keys
@@ -407,6 +408,15 @@ class Commit:
         self.outputs: list[Event[Any]] = []
         self.foreign: list[Event[Any]] = []
         self.writes: list[tuple[Any, ...]] = []
+        self.error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        """For ``Batch`` handlers: this one event failed (as if its handler had raised
+        ``error``): its outputs and writes are dropped, the rest of the batch commits."""
+        self.error = error
+        self.outputs.clear()
+        self.foreign.clear()
+        self.writes.clear()
 
     def emit(self, event: Event[Any]) -> None:
         event = with_trace(event)
@@ -717,7 +727,10 @@ class Consumer:
                     self._failed(out, entry, event, recs, exc)
                 continue
             for (entry, event, recs), commit in zip(items, commits, strict=True):
-                self._succeeded(out, entry, event, recs, commit, foreign)
+                if commit.error is not None:
+                    self._failed(out, entry, event, recs, commit.error)
+                else:
+                    self._succeeded(out, entry, event, recs, commit, foreign)
 
         if foreign:
             await self.bus.publish_many(foreign)

@@ -297,6 +297,9 @@ class PositionUpdated(Payload, frozen=True, kw_only=True):
     realized_pnl: Decimal
     order_id: str | None = None
     fill_id: str | None = None
+    sequence: int = 0
+    """How many fills this symbol's position has taken, this one included: the order in
+    which replay applies them."""
 
 
 class PortfolioUpdated(Payload, frozen=True, kw_only=True):

@@ -129,18 +129,18 @@ class OrderRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     def with_order(self, order: Order, **changes: Any) -> OrderRecord:
         """This record after the domain moved its order to ``order`` (plus ``changes``)."""
-        return msgspec.structs.replace(
-            self,
-            status=order.status,
-            updated_at=order.updated_at,
-            venue=order.venue,
-            filled_quantity=order.filled_quantity,
-            avg_fill_price=order.avg_fill_price,
-            commission=order.commission,
-            fill_notional=order.fill_notional,
-            reject_reason=order.reject_reason,
-            **changes,
-        )
+        fields: dict[str, Any] = {
+            "status": order.status,
+            "updated_at": order.updated_at,
+            "venue": order.venue,
+            "filled_quantity": order.filled_quantity,
+            "avg_fill_price": order.avg_fill_price,
+            "commission": order.commission,
+            "fill_notional": order.fill_notional,
+            "reject_reason": order.reject_reason,
+        }
+        fields.update(changes)
+        return msgspec.structs.replace(self, **fields)
 
 
 class LimitsRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -73,7 +73,7 @@ class Service:
         self.redis: AnyRedis | None = None
         self.bus: Bus | None = None
         self.consumers: list[Consumer] = []
-        self._consumer_specs: list[tuple[str, Mapping[EventType, Handler], frozenset[Route], bool]] = []
+        self._consumer_specs: list[tuple[str, Mapping[EventType, Handler], frozenset[Route], bool, bool | None]] = []
         self._task_factories: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: dict[str, ReadinessCheck] = {}
@@ -93,10 +93,13 @@ class Service:
         *,
         routes: frozenset[Route] = frozenset({Route.STREAM}),
         exclusive: bool = False,
+        precheck: bool | None = None,
     ) -> None:
         """Join consumer group ``group`` for these event types; ``exclusive`` for stages that
-        read the state they write (one member per shard at a time, see ``Consumer``)."""
-        self._consumer_specs.append((group, handlers, routes, exclusive))
+        read the state they write (one member per shard at a time, see ``Consumer``).
+        ``precheck`` drops already-processed events before the handler sees them (stateful
+        stages want it: a redelivered event must not be applied to state twice)."""
+        self._consumer_specs.append((group, handlers, routes, exclusive, precheck))
 
     def background(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a coroutine for the life of the process; it should return when ``stopping``."""
@@ -138,8 +141,10 @@ class Service:
             await self._start_http()
             for hook in self._startup:
                 await hook(self)
-            for group, handlers, routes, exclusive in self._consumer_specs:
-                consumer = Consumer(self.bus, group, handlers, routes=routes, exclusive=exclusive)
+            for group, handlers, routes, exclusive, precheck in self._consumer_specs:
+                consumer = Consumer(
+                    self.bus, group, handlers, routes=routes, exclusive=exclusive, precheck_duplicates=precheck
+                )
                 await consumer.start()
                 self.consumers.append(consumer)
             if self.consumers and self.bus_settings.trim_interval_s > 0:

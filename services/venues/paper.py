@@ -315,6 +315,13 @@ class PaperVenue:
             self._free[asset] = amount
             self._used.setdefault(asset, ZERO)
 
+    def forget(self, client_order_id: str) -> None:
+        """Drop a finished order from memory (a long-running router submits millions)."""
+        working = self._by_client_id.get(client_order_id)
+        if working is not None and working.status.is_terminal:
+            del self._by_client_id[client_order_id]
+            self._orders.pop(working.venue_order_id, None)
+
     def balances_now(self) -> dict[str, Balance]:
         """``balances()`` without the latency, for tests and the synchronous feed."""
         return {a: Balance(free=self._free[a], used=self._used.get(a, ZERO)) for a in sorted(self._free)}

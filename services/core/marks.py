@@ -1,0 +1,59 @@
+"""Mark prices: one Redis hash ``<ns>:global:marks`` (symbol -> price), read through a cache.
+
+The price feed writes it (``services.routing.feed`` on the local stack; the market-data
+workflow later); risk reads it for price bands and notionals, the gateway for unrealized
+PnL. Readers refresh their copy every ``refresh_s`` seconds, so a mark is at most that old.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from services.core.keys import Keys
+from services.core.telemetry import get_logger
+
+__all__ = ["Marks"]
+
+log = get_logger("zvt.marks")
+
+
+class Marks:
+    def __init__(self, redis: Any, keys: Keys, *, refresh_s: float = 0.1) -> None:
+        self.redis = redis
+        self.key = keys.global_key("marks")
+        self.refresh_s = refresh_s
+        self._marks: dict[str, Decimal] = {}
+        self._loaded_at = 0.0
+
+    async def current(self) -> dict[str, Decimal]:
+        """Every mark, at most ``refresh_s`` old (the previous copy if Redis fails)."""
+        now = time.monotonic()
+        if now - self._loaded_at >= self.refresh_s:
+            try:
+                raw = await self.redis.hgetall(self.key)
+            except RedisError as exc:
+                log.warning("marks not refreshed", error=str(exc))
+            else:
+                self._marks = _parse(raw)
+                self._loaded_at = now
+        return self._marks
+
+    async def get(self, symbol: str) -> Decimal | None:
+        return (await self.current()).get(symbol)
+
+
+def _parse(raw: dict[Any, Any]) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for k, v in raw.items():
+        symbol = k.decode() if isinstance(k, bytes) else str(k)
+        try:
+            price = Decimal(v.decode() if isinstance(v, bytes) else str(v))
+        except InvalidOperation:
+            continue
+        if price.is_finite() and price > 0:
+            out[symbol] = price
+    return out

@@ -1,0 +1,168 @@
+"""The order stage: the one owner of order records after the gateway created them.
+
+Consumes what risk decided (``order.validated``, ``order.rejected``) and what the venue did
+(``exchange.routed``, ``order.executed``, ``order.failed``, ``order.canceled``), moves each
+order through the state machine of ``services.trading.orders`` and writes its
+``OrderRecord``. Emits ``order.created`` for a validated order, which routing acts on.
+
+Events of one order travel on different streams (routing emits ``exchange.routed`` and the
+fills together), so they can arrive in either order: a fill may come before the routing
+acknowledgement, which then changes nothing. An event that no longer applies (a second
+cancel, a late routing acknowledgement) is logged and dropped, never applied twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+from services.core.bus import Commit, PermanentError
+from services.core.events import (
+    Event,
+    EventType,
+    ExchangeRouted,
+    OrderCanceled,
+    OrderCreated,
+    OrderExecuted,
+    OrderFailed,
+    OrderRejected,
+    OrderValidated,
+    utcnow,
+)
+from services.core.hotstate import Fill, OrderRecord, StateKeys, dump, load
+from services.core.telemetry import consumer_span, get_logger
+from services.trading.orders import InvalidTransition, OrderStatus
+
+__all__ = ["EXPIRED_REASON", "GROUP", "HANDLED", "OrderStage"]
+
+log = get_logger("zvt.order")
+
+GROUP = "order"
+STAGE = "order"
+EXPIRED_REASON = "expired"
+"""``order.canceled`` with this reason: the venue expired the rest (IOC, FOK, market)."""
+
+HANDLED = (
+    EventType.ORDER_VALIDATED,
+    EventType.ORDER_REJECTED,
+    EventType.EXCHANGE_ROUTED,
+    EventType.ORDER_EXECUTED,
+    EventType.ORDER_FAILED,
+    EventType.ORDER_CANCELED,
+)
+
+S = OrderStatus
+
+
+class OrderStage:
+    def __init__(self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.redis = redis
+        self.sk = state_keys
+        self.clock = clock
+
+    async def load(self, keys: list[str]) -> dict[str, OrderRecord]:
+        """The records behind these keys (one ``MGET``: a batch is one slot on a cluster)."""
+        if not keys:
+            return {}
+        values = await self.redis.mget(keys)
+        return {k: load(OrderRecord, v) for k, v in zip(keys, values, strict=True) if v}
+
+    async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
+        keys = sorted({self.sk.order(e.portfolio_id, e.payload.order_id) for e, _ in items})
+        records = await self.load(keys)
+        for event, commit in items:
+            with consumer_span(event, GROUP):
+                key = self.sk.order(event.portfolio_id, event.payload.order_id)
+                record = records.get(key)
+                try:
+                    if record is None:
+                        # The gateway writes the record before it publishes the request, so
+                        # every later event finds it; one that does not is not ours to guess.
+                        raise PermanentError(f"no record for order {event.payload.order_id}")
+                    updated = self.apply(event, record, commit)
+                except Exception as exc:
+                    commit.fail(exc)
+                    continue
+                if updated is not record:
+                    records[key] = updated
+                    commit.write("SET", key, dump(updated))
+
+    def apply(self, event: Event[Any], record: OrderRecord, commit: Commit) -> OrderRecord:
+        """The record after ``event``; emits what the order does next."""
+        p = event.payload
+        at = self.clock()
+        order = record.to_order()
+        try:
+            if isinstance(p, OrderValidated):
+                if record.status is not S.REQUESTED:
+                    return self._stale(event, record)
+                order = order.transition(S.VALIDATED, at=at).transition(S.CREATED, at=at)
+                commit.emit(
+                    event.derive(
+                        OrderCreated(
+                            order_id=p.order_id,
+                            client_order_id=p.client_order_id,
+                            symbol=p.symbol,
+                            side=p.side,
+                            order_type=p.order_type,
+                            quantity=p.quantity,
+                            price=p.price,
+                            time_in_force=p.time_in_force,
+                            venue=p.venue,
+                        ),
+                        STAGE,
+                    )
+                )
+                return record.with_order(order)
+            if isinstance(p, OrderRejected):
+                if not order.can_transition(S.REJECTED):
+                    return self._stale(event, record)
+                return record.with_order(order.reject(p.reason, at=at), reject_code=p.reason_code)
+            if isinstance(p, ExchangeRouted):
+                if not order.can_transition(S.ROUTED):
+                    return self._stale(event, record)  # the fills got here first
+                return record.with_order(order.transition(S.ROUTED, at=at, venue=p.venue))
+            if isinstance(p, OrderExecuted):
+                if p.fill_id in order.fill_ids:
+                    return self._stale(event, record)
+                filled = order.apply_fill(p.fill_id, p.quantity, p.price, p.commission, at)
+                if order.venue is None:
+                    filled = dataclasses.replace(filled, venue=p.venue)
+                fill = Fill(
+                    fill_id=p.fill_id,
+                    quantity=p.quantity,
+                    price=p.price,
+                    commission=p.commission,
+                    commission_asset=p.commission_asset,
+                    liquidity=str(p.liquidity),
+                    venue=p.venue,
+                    at=event.occurred_at,
+                )
+                return record.with_order(filled, fills=(*record.fills, fill), commission_asset=p.commission_asset)
+            if isinstance(p, OrderFailed):
+                if not order.can_transition(S.FAILED):
+                    return self._stale(event, record)
+                return record.with_order(order.fail(p.reason, at=at), reject_code=p.reason_code)
+            if isinstance(p, OrderCanceled):
+                target = S.EXPIRED if p.reason == EXPIRED_REASON else S.CANCELED
+                if target is S.EXPIRED and order.status is S.CREATED:
+                    # the routing acknowledgement is still on its way: the venue had the order
+                    order = order.transition(S.ROUTED, at=at)
+                if not order.can_transition(target):
+                    return self._stale(event, record)
+                return record.with_order(order.transition(target, at=at), reject_reason=p.reason)
+        except InvalidTransition as exc:
+            # A fill on a finished order: the venue and the platform disagree. Keep the event
+            # (dead-lettered, with the reason) for an operator and reconciliation.
+            raise PermanentError(str(exc)) from exc
+        raise PermanentError(f"order stage does not handle {event.event_type}")
+
+    def _stale(self, event: Event[Any], record: OrderRecord) -> OrderRecord:
+        log.info(
+            "event no longer applies", event_type=str(event.event_type), order_id=record.order_id,
+            status=str(record.status),
+        )
+        return record
+

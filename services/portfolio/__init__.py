@@ -1,0 +1,1 @@
+"""The portfolio service: positions, balances and PnL from fills."""

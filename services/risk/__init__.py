@@ -1,0 +1,1 @@
+"""The risk service: pre-trade checks of ``order.requested`` (ARCHITECTURE section 7)."""

@@ -1,0 +1,1 @@
+"""The routing service: picks a venue for each order, submits it, reports fills."""

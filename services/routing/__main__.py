@@ -1,0 +1,64 @@
+"""``python -m services.routing``: route created orders to a venue and report the fills.
+
+Consumes ``order.created`` and ``order.cancel_requested`` as the exclusive group ``routing``
+and trades on the in-process paper venue. One routing process at a time also runs the local
+price feed (marks in Redis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.core.bus import Batch, Commit, default_consumer_name
+from services.core.events import Event
+from services.core.hotstate import StateKeys
+from services.core.marks import Marks
+from services.core.runtime import Service, main
+from services.core.settings import load
+from services.routing.feed import PriceFeed
+from services.routing.settings import RoutingSettings
+from services.routing.stage import GROUP, HANDLED, RoutingStage
+from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES, PaperFaults, PaperVenue
+
+
+def build(service: Service) -> None:
+    settings = load(RoutingSettings)
+    stages: list[RoutingStage] = []
+    feeds: list[PriceFeed] = []
+
+    async def open_stage(service: Service) -> None:
+        assert service.redis is not None and service.bus is not None
+        keys = service.bus.keys
+        venue = PaperVenue("paper", faults=PaperFaults(latency=settings.paper_latency_ms / 1000))
+        stage = RoutingStage(service.redis, StateKeys(keys), Marks(service.redis, keys), [venue])
+        await stage.start()
+        stages.append(stage)
+        feed = PriceFeed(
+            service.redis,
+            keys,
+            DEFAULT_PRICES,
+            {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
+            volatility=settings.feed_volatility,
+            seed=settings.feed_seed,
+            owner=default_consumer_name(service.name),
+        )
+        await feed.seed_marks()
+        feeds.append(feed)
+
+    async def handle(items: list[tuple[Event[Any], Commit]]) -> None:
+        await stages[0].handle(items)
+
+    async def run_feed() -> None:
+        interval = settings.feed_interval_s
+        if interval <= 0 or settings.feed_volatility == 0:
+            return
+        while not await service.sleep(interval):
+            await feeds[0].step(interval)
+
+    service.on_startup(open_stage)
+    service.background(run_feed)
+    service.consume(GROUP, dict.fromkeys(HANDLED, Batch(handle)), exclusive=True, precheck=True)
+
+
+if __name__ == "__main__":
+    main("routing", build, __doc__ or "")
