@@ -1,0 +1,587 @@
+"""The public HTTP API (ARCHITECTURE section 8): a FastAPI app over Redis hot state.
+
+``Gateway`` holds what the routes share (the bus, keys, the order desk, the waiters, the
+backlog measure) and its background tasks; ``create_app`` builds the ASGI app on it. The
+order submission route is lean on purpose: it takes the raw request and decodes the body
+with msgspec in one pass (the OpenAPI document still describes it, via ``openapi_extra``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import psycopg
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.core.bus import Bus
+from services.core.events import EventType
+from services.core.hotstate import StateKeys
+from services.core.telemetry import get_logger, tracing
+from services.gateway.auth import ApiKeys, Principal
+from services.gateway.models import (
+    ID_PATTERN,
+    ApiKeyBody,
+    ApiKeyCreated,
+    EventsPage,
+    Health,
+    OrderAccepted,
+    OrderBody,
+    OrdersPage,
+    PortfolioBody,
+    Readiness,
+    Scope as KeyScope,
+    StoredEventView,
+    TradingStateBody,
+    decode_body,
+    openapi_components,
+)
+from services.gateway.orders import OrderDesk, order_view
+from services.gateway.portfolios import Portfolios
+from services.gateway.problems import FieldError, Problem, field_of, from_problem, problem_response
+from services.gateway.settings import GatewaySettings
+from services.gateway.waiters import Waiters
+from services.recorder.store import EventStore
+from services.trading.orders import OrderStatus
+
+__all__ = ["HTTP_REQUESTS", "HTTP_SECONDS", "Gateway", "create_app"]
+
+log = get_logger("zvt.gateway")
+
+HTTP_REQUESTS = Counter("zvt_http_requests", "HTTP requests answered", ["method", "route", "status"])
+HTTP_SECONDS = Histogram(
+    "zvt_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["method", "route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+MAX_WAIT_S = 30.0
+JSON = "application/json"
+_json = msgspec.json.Encoder().encode
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(_json(body), status_code=status, media_type=JSON)
+
+
+class Gateway:
+    """What the API's routes share, and its background tasks."""
+
+    def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
+        self.bus = bus
+        self.redis = bus.redis
+        self.settings = settings
+        self.api_keys = ApiKeys(bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s)
+        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s)
+        self.portfolios = Portfolios(bus)
+        self.waiters = Waiters(
+            bus.redis, bus.keys, cluster=bus.cluster, block_ms=settings.wait_block_ms, poll_s=settings.wait_poll_s,
+            load=self.desk.load,
+        )
+        self.backlog = 0
+        self.backlog_measured = False
+        self._store: EventStore | None = None
+        self._store_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    @property
+    def overloaded(self) -> bool:
+        return self.backlog > self.settings.max_backlog
+
+    async def start(self) -> None:
+        """Upsert the bootstrap admin key, take a first backlog measure, start the tasks."""
+        if self.settings.admin_api_key is not None:
+            await self.api_keys.upsert_bootstrap(self.settings.admin_api_key.get_secret_value())
+        await self.measure_backlog()
+        self._tasks = [
+            asyncio.create_task(self._backlog_loop(), name="gateway-backlog"),
+            asyncio.create_task(self.waiters.run(lambda: self._stopped), name="gateway-waiters"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    async def measure_backlog(self) -> None:
+        self.backlog = await self.bus.backlog(self.settings.backpressure_group, [EventType.ORDER_REQUESTED])
+        self.backlog_measured = True
+
+    async def _backlog_loop(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self.settings.backlog_interval_s)
+            try:
+                await self.measure_backlog()
+            except RedisError as exc:
+                log.warning("backlog measure failed", error=str(exc))
+
+    async def store(self) -> EventStore:
+        """The event store, opened on first use (the order path never needs it)."""
+        if self._store is None:
+            async with self._store_lock:
+                if self._store is None:
+                    try:
+                        self._store = await EventStore.open(
+                            self.settings.postgres_dsn, max_size=self.settings.postgres_pool_size
+                        )
+                    except Exception as exc:
+                        log.warning("event store unavailable", error=type(exc).__name__)
+                        raise Problem(503, "event_store_unavailable", "the event store cannot be reached") from None
+        return self._store
+
+    async def ready(self) -> dict[str, bool]:
+        checks: dict[str, bool] = {}
+        try:
+            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 2))
+        except (RedisError, TimeoutError, OSError):
+            checks["redis"] = False
+        checks["pipeline"] = self.backlog_measured and not self.overloaded
+        return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Request plumbing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 when it is over ``limit`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "payload_too_large", f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "payload_too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_wait(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise Problem.invalid("wait", "must be a number of seconds") from None
+    if not 0 < wait <= MAX_WAIT_S:
+        raise Problem.invalid("wait", f"must be above 0 and at most {MAX_WAIT_S:g} seconds")
+    return wait
+
+
+_propagator = TraceContextTextMapPropagator()
+
+
+class Observe:
+    """HTTP RED metrics (labelled by route template, never ids) and, when tracing is on, one
+    SERVER span per request that the events it publishes point at."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        method = scope["method"]
+        span_cm: Any = contextlib.nullcontext()
+        if tracing.enabled:
+            carrier = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope.get("headers", ())
+                if k in (b"traceparent", b"tracestate")
+            }
+            span_cm = tracing.tracer.start_as_current_span(
+                method, context=_propagator.extract(carrier), kind=SpanKind.SERVER,
+                attributes={"http.request.method": method, "url.path": scope.get("path", "")},
+            )
+        try:
+            with span_cm as span:
+                await self.app(scope, receive, send_status)
+                if span is not None:
+                    _finish_span(span, scope, method, status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_SECONDS.labels(method, template).observe(time.perf_counter() - started)
+
+
+def _finish_span(span: Any, scope: Scope, method: str, status: int) -> None:
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        span.update_name(f"{method} {template}")
+        span.set_attribute("http.route", template)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
+
+
+_PROBLEM_TEXT = {
+    401: "Missing, unknown or revoked API key",
+    403: "The key lacks the scope or does not grant the portfolio (`forbidden`)",
+    404: "Not found (or not visible to this key)",
+    409: "Conflict",
+    413: "Body too large (`payload_too_large`)",
+    422: "Invalid input; `errors` names each field",
+    429: "The pipeline is behind (`backpressure`); retry after `Retry-After` seconds",
+    503: "A dependency is unavailable",
+}
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in (401, 403, 422, *codes):
+        out[code] = {"description": _PROBLEM_TEXT[code], "content": {"application/problem+json": {"schema": _ref("ProblemBody")}}}
+    if 429 in codes:
+        out[429]["headers"] = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+    out[401]["headers"] = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+    return out
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes,
+        )
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        schemas.update(openapi_components())
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        problem = {"content": {"application/problem+json": {"schema": _ref("ProblemBody")}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {"description": _PROBLEM_TEXT[422], **problem}
+                if path.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    settings = gw.settings
+    app = FastAPI(
+        title="ZVT Fleet API",
+        version="1.0.0",
+        description="The public HTTP API of ZVT Fleet (v1). Decimals are strings; errors are "
+        "`application/problem+json` with a machine-readable `code`. Authenticate with "
+        "`Authorization: Bearer <api key>`.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    _install_openapi(app)
+
+    @app.exception_handler(Problem)
+    async def on_problem(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Problem)
+        return from_problem(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [FieldError(field_of(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in exc.errors()]
+        detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or "invalid input"
+        return problem_response(422, "validation_error", detail, errors=errors)
+
+    async def principal(request: Request) -> Principal:
+        return await gw.api_keys.authenticate(request.headers.get("authorization"))
+
+    # -- orders --------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/orders",
+        status_code=202,
+        summary="Submit an order",
+        tags=["orders"],
+        openapi_extra={
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("OrderBody")}}},
+            "parameters": [
+                {
+                    "name": "wait", "in": "query", "required": False,
+                    "description": "Wait up to this many seconds for a terminal status, then answer with the full order "
+                    "(200 if terminal, 202 if not yet).",
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
+                }
+            ],
+        },
+        responses={
+            200: _ok("The same order submitted before with this `client_order_id` and body, or (with `wait`) the "
+                     "order in a terminal status", "OrderView"),
+            202: _ok("Accepted; with `wait`, the full order as it is when the wait ran out", "OrderAccepted"),
+            **_problems(404, 409, 413, 429),
+        },
+    )
+    async def submit_order(request: Request) -> Response:
+        caller = await gw.api_keys.authenticate(request.headers.get("authorization"))
+        caller.require(KeyScope.TRADE)
+        body = decode_body(await read_body(request, settings.max_body_bytes), OrderBody)
+        quantity, price = OrderDesk.validate(body)
+        caller.require(KeyScope.TRADE, body.portfolio_id)
+        wait = parse_wait(request.query_params.get("wait")) if request.scope["query_string"] else None
+        if gw.overloaded:
+            raise Problem(
+                429, "backpressure", "the order pipeline is behind; retry later",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        submitted = await gw.desk.submit(body, quantity, price, caller.key_id)
+        record = submitted.record
+        if wait is not None:
+            key = gw.desk.record_key(record.order_id)
+            if key is not None:
+                record = await gw.waiters.wait(record.order_id, key, wait) or record
+            done = record.is_terminal or not submitted.created
+            return json_response(order_view(record), 200 if done else 202)
+        if not submitted.created:
+            return json_response(order_view(record), 200)
+        return json_response(
+            OrderAccepted(
+                order_id=record.order_id, client_order_id=record.client_order_id, status=record.status,
+                correlation_id=record.correlation_id,
+            ),
+            202,
+        )
+
+    async def visible_order(caller: Principal, order_id: str) -> Any:
+        record = await gw.desk.get(order_id)
+        if record is None or not caller.grants(record.portfolio_id):
+            raise Problem(404, "order_not_found", f"no order {order_id}")
+        return record
+
+    @app.get(
+        "/v1/orders/{order_id}", summary="An order", tags=["orders"],
+        responses={200: _ok("The order", "OrderView"), **_problems(404)},
+    )
+    async def get_order(request: Request, order_id: str = Path(max_length=64)) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.READ)
+        return json_response(order_view(await visible_order(caller, order_id)))
+
+    @app.delete(
+        "/v1/orders/{order_id}", status_code=202, summary="Cancel an order", tags=["orders"],
+        responses={202: _ok("Cancel requested; the order as it is now", "OrderView"), **_problems(404, 409)},
+    )
+    async def cancel_order(request: Request, order_id: str = Path(max_length=64)) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.TRADE)
+        record = await visible_order(caller, order_id)
+        if record.is_terminal:
+            raise Problem(409, "order_terminal", f"order {order_id} is already {record.status}")
+        await gw.desk.request_cancel(record, caller.key_id)
+        return json_response(order_view(record), 202)
+
+    # -- portfolios ----------------------------------------------------------------------------
+
+    pid = Path(pattern=ID_PATTERN, description="Portfolio id")
+
+    @app.put(
+        "/v1/portfolios/{portfolio_id}", status_code=200, summary="Create or update a portfolio (admin)",
+        tags=["portfolios"],
+        openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": _ref("PortfolioBody")}}}},
+        responses={
+            200: _ok("Updated", "PortfolioView"), 201: _ok("Created", "PortfolioView"), **_problems(409, 413),
+        },
+    )
+    async def put_portfolio(request: Request, portfolio_id: str = pid) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.ADMIN, portfolio_id)
+        body = decode_body(await read_body(request, settings.max_body_bytes), PortfolioBody)
+        created, view = await gw.portfolios.put(portfolio_id, body)
+        return json_response(view, 201 if created else 200)
+
+    @app.get(
+        "/v1/portfolios/{portfolio_id}", summary="A portfolio: balances, limits, trading state", tags=["portfolios"],
+        responses={200: _ok("The portfolio", "PortfolioView"), **_problems(404)},
+    )
+    async def get_portfolio(request: Request, portfolio_id: str = pid) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.READ, portfolio_id)
+        view = await gw.portfolios.get(portfolio_id)
+        if view is None:
+            raise Problem(404, "portfolio_not_found", f"no portfolio {portfolio_id}")
+        return json_response(view)
+
+    @app.put(
+        "/v1/portfolios/{portfolio_id}/trading-state", summary="Set the trading state (admin)", tags=["portfolios"],
+        openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": _ref("TradingStateBody")}}}},
+        responses={200: _ok("The portfolio", "PortfolioView"), **_problems(404, 409, 413)},
+    )
+    async def put_trading_state(request: Request, portfolio_id: str = pid) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.ADMIN, portfolio_id)
+        body = decode_body(await read_body(request, settings.max_body_bytes), TradingStateBody)
+        return json_response(await gw.portfolios.set_trading_state(portfolio_id, body.state))
+
+    async def existing_portfolio(caller: Principal, portfolio_id: str) -> None:
+        caller.require(KeyScope.READ, portfolio_id)
+        if await gw.portfolios.record(portfolio_id) is None:
+            raise Problem(404, "portfolio_not_found", f"no portfolio {portfolio_id}")
+
+    @app.get(
+        "/v1/portfolios/{portfolio_id}/positions", summary="Positions with realized and unrealized PnL",
+        tags=["portfolios"], responses={200: _ok("The positions", "PositionsView"), **_problems(404)},
+    )
+    async def get_positions(request: Request, portfolio_id: str = pid) -> Response:
+        await existing_portfolio(await principal(request), portfolio_id)
+        return json_response(await gw.portfolios.positions(portfolio_id))
+
+    @app.get(
+        "/v1/portfolios/{portfolio_id}/orders", summary="Recent orders, newest first", tags=["portfolios"],
+        responses={200: _ok("The orders", "OrdersPage"), **_problems(404)},
+    )
+    async def list_orders(
+        request: Request,
+        portfolio_id: str = pid,
+        status: OrderStatus | None = Query(None, description="Only orders in this status"),
+        limit: int = Query(50, ge=1, le=500, description="At most this many orders"),
+    ) -> Response:
+        await existing_portfolio(await principal(request), portfolio_id)
+        records = await gw.desk.recent(portfolio_id, status, limit)
+        return json_response(OrdersPage(portfolio_id=portfolio_id, orders=[order_view(r) for r in records]))
+
+    # -- API keys --------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/api-keys", status_code=201, summary="Create an API key (admin); the secret is shown once",
+        tags=["api-keys"],
+        openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": _ref("ApiKeyBody")}}}},
+        responses={201: _ok("The key and its secret", "ApiKeyCreated"), **_problems(413)},
+    )
+    async def create_api_key(request: Request) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.ADMIN)
+        body = decode_body(await read_body(request, settings.max_body_bytes), ApiKeyBody)
+        record, secret = await gw.api_keys.create(body)
+        return json_response(
+            ApiKeyCreated(
+                key_id=record.key_id, name=record.name, portfolios=record.portfolios, scopes=record.scopes,
+                created_at=record.created_at, secret=secret,
+            ),
+            201,
+        )
+
+    @app.delete(
+        "/v1/api-keys/{key_id}", status_code=204, summary="Revoke an API key (admin)", tags=["api-keys"],
+        responses={204: {"description": f"Revoked (other processes within {settings.key_cache_ttl_s:g} s)"},
+                   **_problems(404)},
+    )
+    async def revoke_api_key(request: Request, key_id: str = Path(max_length=64)) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.ADMIN)
+        if not await gw.api_keys.revoke(key_id):
+            raise Problem(404, "api_key_not_found", f"no API key {key_id}")
+        return Response(status_code=204)
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/events", summary="The audit trail of one order or workflow run, in causal order", tags=["events"],
+        responses={200: _ok("The events this key may see", "EventsPage"), **_problems(503)},
+    )
+    async def get_events(
+        request: Request,
+        correlation_id: str = Query(pattern=ID_PATTERN, description="An order id or workflow run id"),
+        limit: int = Query(1000, ge=1, le=10_000),
+    ) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.READ)
+        store = await gw.store()
+        try:
+            stored = await store.events_for_correlation(correlation_id, limit)
+        except psycopg.errors.UndefinedTable:
+            stored = []  # nothing recorded yet: the recorder creates the table
+        except psycopg.Error as exc:
+            log.warning("event store query failed", error=type(exc).__name__)
+            raise Problem(503, "event_store_unavailable", "the event store cannot be queried") from None
+        events = [
+            StoredEventView(seq=s.seq, recorded_at=s.recorded_at, event=msgspec.to_builtins(s.event))
+            for s in stored
+            if caller.grants(s.event.portfolio_id)
+        ]
+        return json_response(EventsPage(correlation_id=correlation_id, events=events))
+
+    # -- probes ----------------------------------------------------------------------------------
+
+    @app.get("/healthz", summary="Liveness", tags=["probes"], responses={200: _ok("Alive", "Health")})
+    async def healthz() -> Response:
+        return json_response(Health(status="ok"))
+
+    @app.get(
+        "/readyz", summary="Readiness: Redis reachable and the pipeline caught up", tags=["probes"],
+        responses={200: _ok("Ready", "Readiness"), 503: _ok("Not ready", "Readiness")},
+    )
+    async def readyz() -> Response:
+        checks = await gw.ready()
+        ok = all(checks.values())
+        return json_response(Readiness(ready=ok, checks=checks), 200 if ok else 503)
+
+    @app.get(
+        "/metrics", summary="Prometheus metrics", tags=["probes"],
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Observe)
+    return app
+
+

@@ -1,0 +1,282 @@
+"""The public API's bodies, as msgspec structs: decoded and validated in one pass, and the
+source of the OpenAPI schemas (``schema_components``), so the document says what the code does."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from services.core.events import OrderType, Side, TimeInForce, TradingState
+from services.gateway.problems import FieldError, Problem, ProblemBody
+from services.trading.orders import OrderStatus
+
+__all__ = [
+    "ApiKeyBody",
+    "ApiKeyCreated",
+    "EventsPage",
+    "LimitsBody",
+    "LimitsView",
+    "OrderAccepted",
+    "OrderBody",
+    "OrderView",
+    "OrdersPage",
+    "PortfolioBody",
+    "PortfolioView",
+    "PositionView",
+    "PositionsView",
+    "Scope",
+    "TradingStateBody",
+    "decode_body",
+    "openapi_components",
+    "positive_decimal",
+]
+
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+SYMBOL_PATTERN = r"^[A-Z0-9]{2,12}/[A-Z0-9]{2,12}$"
+ASSET_PATTERN = r"^[A-Z0-9]{2,12}$"
+DECIMAL_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,18})?$"
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1 to 64 of `A-Z a-z 0-9 . _ : -`")]
+Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN, description="`BASE/QUOTE`, e.g. `BTC/USDT`")]
+Asset = Annotated[str, msgspec.Meta(pattern=ASSET_PATTERN, description="An asset, e.g. `USDT`")]
+DecimalString = Annotated[
+    str, msgspec.Meta(pattern=DECIMAL_PATTERN, description="A non-negative decimal as a string, e.g. `\"0.25\"`")
+]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 ._:-]{1,64}$")]
+
+
+class Scope(enum.StrEnum):
+    TRADE = "trade"
+    READ = "read"
+    ADMIN = "admin"
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class OrderBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A new order. `price` is required for `limit` orders and forbidden for `market` ones."""
+
+    client_order_id: Id
+    portfolio_id: Id
+    symbol: Symbol
+    side: Side
+    type: OrderType
+    quantity: DecimalString
+    price: DecimalString | None = None
+    time_in_force: TimeInForce = TimeInForce.GTC
+    venue: Id | None = None
+
+
+class LimitsBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Risk limits; a field left out keeps its current (or default) value."""
+
+    max_notional_per_order: DecimalString | None = None
+    max_position_per_symbol: DecimalString | None = None
+    price_band: DecimalString | None = None
+    max_orders_per_window: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
+    window_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] | None = None
+
+
+class PortfolioBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Create or update a portfolio; `balances` replaces the portfolio's balances."""
+
+    base_currency: Asset = "USDT"
+    balances: Annotated[dict[Asset, DecimalString], msgspec.Meta(max_length=256)] = {}
+    limits: LimitsBody | None = None
+
+
+class TradingStateBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    state: TradingState
+
+
+class ApiKeyBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A new API key: the portfolios it may act on (`"*"`: all) and its scopes."""
+
+    name: Name
+    portfolios: Annotated[list[Id], msgspec.Meta(max_length=1000)] | Literal["*"]
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=3)]
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class OrderAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """An accepted order. Answers that carry the full order carry these fields too."""
+
+    order_id: str
+    client_order_id: str
+    status: OrderStatus
+    correlation_id: str
+
+
+class FillView(msgspec.Struct, frozen=True, kw_only=True):
+    fill_id: str
+    quantity: Decimal
+    price: Decimal
+    commission: Decimal
+    commission_asset: str
+    liquidity: str
+    venue: str
+    at: dt.datetime
+
+
+class OrderView(msgspec.Struct, frozen=True, kw_only=True):
+    """An order as the platform knows it now."""
+
+    order_id: str
+    client_order_id: str
+    status: OrderStatus
+    correlation_id: str
+    portfolio_id: str
+    symbol: str
+    side: Side
+    type: OrderType
+    quantity: Decimal
+    price: Decimal | None
+    time_in_force: TimeInForce
+    requested_venue: str | None
+    venue: str | None
+    filled_quantity: Decimal
+    avg_fill_price: Decimal | None
+    commission: Decimal
+    commission_asset: str | None
+    reject_code: str | None
+    reject_reason: str | None
+    fills: list[FillView]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class OrdersPage(msgspec.Struct, frozen=True, kw_only=True):
+    portfolio_id: str
+    orders: list[OrderView]
+
+
+class LimitsView(msgspec.Struct, frozen=True, kw_only=True):
+    max_notional_per_order: Decimal
+    max_position_per_symbol: Decimal
+    price_band: Decimal
+    max_orders_per_window: int
+    window_seconds: int
+
+
+class PortfolioView(msgspec.Struct, frozen=True, kw_only=True):
+    portfolio_id: str
+    base_currency: str
+    balances: dict[str, Decimal]
+    limits: LimitsView
+    trading_state: TradingState
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class PositionView(msgspec.Struct, frozen=True, kw_only=True):
+    """`unrealized_pnl` is null while there is no mark price for the symbol."""
+
+    symbol: str
+    quantity: Decimal
+    average_price: Decimal
+    realized_pnl: Decimal
+    unrealized_pnl: Decimal | None
+    mark: Decimal | None
+    updated_at: dt.datetime | None
+
+
+class PositionsView(msgspec.Struct, frozen=True, kw_only=True):
+    portfolio_id: str
+    positions: list[PositionView]
+
+
+class ApiKeyCreated(msgspec.Struct, frozen=True, kw_only=True):
+    """A new key. `secret` is shown only in this answer; only its hash is stored."""
+
+    key_id: str
+    name: str
+    portfolios: list[str] | Literal["*"]
+    scopes: list[Scope]
+    created_at: dt.datetime
+    secret: str
+
+
+class StoredEventView(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    recorded_at: dt.datetime
+    event: dict[str, Any]
+
+
+class EventsPage(msgspec.Struct, frozen=True, kw_only=True):
+    """Events of one correlation id in causal order (only those of portfolios the key grants)."""
+
+    correlation_id: str
+    events: list[StoredEventView]
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    ready: bool
+    checks: dict[str, bool]
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_AT = re.compile(r" - at `(?:key` in `)?\$\.?(.*)`$")
+_NAMED = re.compile(r"field `([^`]+)`")
+
+
+def decode_body(data: bytes, cls: type[T]) -> T:
+    """The body as ``cls``, or a 422 ``Problem`` naming the offending field."""
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        result: T = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _invalid(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise Problem(422, "malformed_json", f"the body is not valid JSON: {exc}", errors=[FieldError("body", str(exc))]) from None
+    return result
+
+
+def _invalid(message: str) -> Problem:
+    at = _AT.search(message)
+    path = at.group(1) if at else ""
+    text = message[: at.start()] if at else message
+    named = _NAMED.search(text) if ("missing required field" in text or "unknown field" in text) else None
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    field = path.replace("[", ".").replace("]", "") or "body"
+    return Problem.invalid(field, text)
+
+
+def positive_decimal(value: str, field: str, *, allow_zero: bool = False) -> Decimal:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise Problem.invalid(field, "must be a decimal string") from None
+    if not number.is_finite() or number < 0 or (number == 0 and not allow_zero):
+        raise Problem.invalid(field, "must be a positive decimal" if not allow_zero else "must not be negative")
+    return number
+
+
+def openapi_components() -> dict[str, Any]:
+    """JSON schemas of every body, for ``components.schemas`` of the OpenAPI document."""
+    _, components = msgspec.json.schema_components(
+        [
+            OrderBody, PortfolioBody, TradingStateBody, ApiKeyBody, OrderAccepted, OrderView, OrdersPage,
+            PortfolioView, PositionsView, ApiKeyCreated, EventsPage, ProblemBody, Health, Readiness,
+        ],
+        ref_template="#/components/schemas/{name}",
+    )
+    return components

@@ -1,0 +1,78 @@
+"""Errors of the public API, all ``application/problem+json``: ``{type, title, status, detail, code}``
+(RFC 9457) plus ``errors: [{field, message}]`` for invalid input."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+__all__ = ["PROBLEM_JSON", "FieldError", "Problem", "ProblemBody", "problem_response"]
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    field: str
+    message: str
+
+
+class ProblemBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An error: ``code`` is the machine-readable reason, stable across versions."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+class Problem(Exception):
+    """Raised anywhere in a request; answered as problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+
+    @classmethod
+    def invalid(cls, field: str, message: str) -> Problem:
+        return cls(422, "validation_error", f"{field}: {message}", errors=[FieldError(field, message)])
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def problem_response(
+    status: int, code: str, detail: str, *, errors: list[FieldError] | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    body = ProblemBody(type=f"/problems/{code}", title=title, status=status, detail=detail, code=code, errors=errors)
+    return Response(_encode(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def from_problem(exc: Problem) -> Response:
+    return problem_response(exc.status, exc.code, exc.detail, errors=exc.errors, headers=exc.headers)
+
+
+def field_of(location: Any) -> str:
+    """A dotted field name from a validation location (``("body", "limits", "x")``)."""
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
