@@ -18,6 +18,8 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from services.core.bus import Commit, PermanentError
 from services.core.events import (
     Event,
@@ -33,7 +35,7 @@ from services.core.events import (
 )
 from services.core.hotstate import Fill, OrderRecord, StateKeys, dump, load
 from services.core.telemetry import consumer_span, get_logger
-from services.trading.orders import InvalidTransition, OrderStatus
+from services.trading.orders import TRANSITIONS, InvalidTransition, OrderStatus
 
 __all__ = ["EXPIRED_REASON", "GROUP", "HANDLED", "OrderStage"]
 
@@ -93,6 +95,14 @@ class OrderStage:
         """The record after ``event``; emits what the order does next."""
         p = event.payload
         at = self.clock()
+        if isinstance(p, OrderRejected):
+            # Straight on the record: a rejected request may not even make a valid order
+            # (risk is where a negative price is caught).
+            if (record.status, S.REJECTED) not in TRANSITIONS:
+                return self._stale(event, record)
+            return msgspec.structs.replace(
+                record, status=S.REJECTED, reject_code=p.reason_code, reject_reason=p.reason, updated_at=at
+            )
         order = record.to_order()
         try:
             if isinstance(p, OrderValidated):
@@ -116,10 +126,6 @@ class OrderStage:
                     )
                 )
                 return record.with_order(order)
-            if isinstance(p, OrderRejected):
-                if not order.can_transition(S.REJECTED):
-                    return self._stale(event, record)
-                return record.with_order(order.reject(p.reason, at=at), reject_code=p.reason_code)
             if isinstance(p, ExchangeRouted):
                 if not order.can_transition(S.ROUTED):
                     return self._stale(event, record)  # the fills got here first

@@ -1,0 +1,207 @@
+"""Run the fleet's services as local processes: ``python -m devstack fleet start|stop|status``.
+
+``Fleet`` starts ``python -m services.<name>`` for each service with one environment, logs
+each process to ``<log_dir>/<name>[-<i>].log`` and waits until each says it started (its JSON
+``service started`` line, which also names its probe port). Tests use it directly to kill
+(-9), restart and scale services; the CLI keeps pid files under ``.zvt/fleet`` so
+``make down`` can stop what ``make up`` started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devstack.stack import ROOT, STATE_DIR, DevstackError, _pid_alive, _read_pidfile, _tail, _wait_dead
+
+__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "start_detached", "status_detached", "stop_detached"]
+
+PIPELINE = ("risk", "order", "routing", "portfolio")
+"""The stages an order passes through, in order."""
+SERVICES = (*PIPELINE, "recorder", "notifications", "gateway")
+"""Every service of the local fleet."""
+
+FLEET_DIR = STATE_DIR / "fleet"
+
+
+@dataclass
+class Proc:
+    name: str
+    index: int
+    popen: subprocess.Popen[bytes]
+    log: Path
+    http_port: int | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.index}"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Fleet:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        log_dir: Path,
+        python: str = sys.executable,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.env = {**os.environ, **env}
+        self.log_dir = log_dir
+        self.python = python
+        self.start_timeout = start_timeout
+        self.procs: dict[str, list[Proc]] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, names: Iterable[str] = SERVICES, *, replicas: int = 1, wait: bool = True,
+              env: Mapping[str, str] | None = None) -> list[Proc]:
+        started = []
+        for name in names:
+            for _ in range(replicas):
+                started.append(self._spawn(name, env or {}))
+        if wait:
+            for proc in started:
+                self.wait_started(proc)
+        return started
+
+    def _spawn(self, name: str, env: Mapping[str, str]) -> Proc:
+        procs = self.procs.setdefault(name, [])
+        index = len(procs)
+        log = self.log_dir / f"{name}-{index}.log"
+        out = log.open("ab")
+        full_env = {"ZVT_HTTP_PORT": "0", "ZVT_SERVICE": name, **self.env, **env}
+        popen = subprocess.Popen(
+            [self.python, "-m", f"services.{name}"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        proc = Proc(name, index, popen, log)
+        procs.append(proc)
+        return proc
+
+    def wait_started(self, proc: Proc) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                raise DevstackError(f"{proc.label} exited with {proc.popen.returncode}:\n{_tail(proc.log, 30)}")
+            port = _started_port(proc.log)
+            if port is not None:
+                proc.http_port = port
+                return
+            time.sleep(0.05)
+        raise DevstackError(f"{proc.label} did not start within {self.start_timeout}s:\n{_tail(proc.log, 30)}")
+
+    def live(self, name: str) -> list[Proc]:
+        return [p for p in self.procs.get(name, []) if p.alive]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[Proc]:
+        """Send ``sig`` to every live process of ``name``; wait for them to exit."""
+        victims = self.live(name)
+        for proc in victims:
+            proc.popen.send_signal(sig)
+        for proc in victims:
+            try:
+                proc.popen.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        return victims
+
+    def restart(self, name: str, sig: int = signal.SIGKILL) -> list[Proc]:
+        count = max(1, len(self.kill(name, sig)))
+        return self.start([name], replicas=count)
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """SIGTERM everything, wait, SIGKILL what is left; returns exit codes by label."""
+        everything = [p for procs in self.procs.values() for p in procs if p.alive]
+        for proc in everything:
+            proc.popen.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        deadline = time.monotonic() + timeout
+        for proc in everything:
+            try:
+                codes[proc.label] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                codes[proc.label] = proc.popen.wait()
+        return codes
+
+    def pids(self) -> list[int]:
+        return [p.popen.pid for procs in self.procs.values() for p in procs if p.alive]
+
+
+def _started_port(log: Path) -> int | None:
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(text.splitlines()):
+        if '"service started"' in line:
+            try:
+                return int(json.loads(line).get("http_port"))
+            except (ValueError, TypeError):
+                return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Detached fleet for `make up` / `make down`
+
+
+def start_detached(env: Mapping[str, str], names: Iterable[str] = SERVICES, python: str = sys.executable) -> list[str]:
+    """Start each service (unless its pid file names a live process) and leave it running."""
+    FLEET_DIR.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(env, log_dir=STATE_DIR / "logs", python=python)
+    lines = []
+    todo = []
+    for name in names:
+        pid = _read_pidfile(FLEET_DIR / f"{name}.pid")
+        if pid is not None and _pid_alive(pid, f"services.{name}"):
+            lines.append(f"{name:14} already running (pid {pid})")
+            continue
+        todo.append(name)
+    for name in todo:
+        (STATE_DIR / "logs" / f"{name}-0.log").unlink(missing_ok=True)
+    for proc in fleet.start(todo):
+        (FLEET_DIR / f"{proc.name}.pid").write_text(str(proc.popen.pid))
+        lines.append(f"{proc.name:14} started (pid {proc.popen.pid}, probes :{proc.http_port}, log {proc.log})")
+    return lines
+
+
+def stop_detached(names: Iterable[str] = SERVICES, timeout: float = 30.0) -> list[str]:
+    lines = []
+    for name in names:
+        pidfile = FLEET_DIR / f"{name}.pid"
+        pid = _read_pidfile(pidfile)
+        if pid is not None and _pid_alive(pid, f"services.{name}"):
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_dead(pid, timeout):
+                os.kill(pid, signal.SIGKILL)
+            lines.append(f"{name:14} stopped")
+        pidfile.unlink(missing_ok=True)
+    return lines
+
+
+def status_detached(names: Iterable[str] = SERVICES) -> list[str]:
+    lines = []
+    for name in names:
+        pid = _read_pidfile(FLEET_DIR / f"{name}.pid")
+        alive = pid is not None and _pid_alive(pid, f"services.{name}")
+        lines.append(f"{name:14} {'running (pid %d)' % pid if alive and pid else 'stopped'}")
+    return lines
