@@ -256,7 +256,7 @@ def _invalid(message: str) -> Problem:
     named = _NAMED.search(text) if ("missing required field" in text or "unknown field" in text) else None
     if named:
         path = f"{path}.{named.group(1)}" if path else named.group(1)
-    field = path.replace("[", ".").replace("]", "") or "body"
+    field = path.replace("[...]", "").replace("[", ".").replace("]", "") or "body"
     return Problem.invalid(field, text)
 
 

@@ -1,0 +1,264 @@
+"""``Client`` and ``AsyncClient``: the same calls, one over ``httpx.Client``, one over
+``httpx.AsyncClient``. Each call is described once (``_Call``) and parsed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from services.client.models import ApiError, OrderRequest, OrderResult, decimals
+
+__all__ = ["AsyncClient", "Client"]
+
+T = TypeVar("T")
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    retry = response.headers.get("retry-after")
+    raise ApiError(
+        response.status_code,
+        str(body.get("code") or f"http_{response.status_code}"),
+        str(body.get("detail") or response.reason_phrase),
+        errors=body.get("errors"),
+        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
+
+
+def _order(response: httpx.Response) -> OrderResult:
+    return OrderResult.from_json(response.json(), response.status_code)
+
+
+def _json(response: httpx.Response) -> Any:
+    return decimals(response.json())
+
+
+def _orders(response: httpx.Response) -> list[OrderResult]:
+    return [OrderResult.from_json(o) for o in response.json()["orders"]]
+
+
+def _nothing(_: httpx.Response) -> None:
+    return None
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+class _Calls:
+    """Every API call, described; the two clients run them."""
+
+    @staticmethod
+    def place_order(request: OrderRequest, wait: float | None) -> _Call[OrderResult]:
+        params = {"wait": wait} if wait is not None else None
+        return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params)
+
+    @staticmethod
+    def get_order(order_id: str) -> _Call[OrderResult]:
+        return _Call("GET", f"/v1/orders/{_seg(order_id)}", _order)
+
+    @staticmethod
+    def cancel_order(order_id: str) -> _Call[OrderResult]:
+        return _Call("DELETE", f"/v1/orders/{_seg(order_id)}", _order)
+
+    @staticmethod
+    def put_portfolio(
+        portfolio_id: str, base_currency: str, balances: Mapping[str, Decimal | str] | None,
+        limits: Mapping[str, Any] | None,
+    ) -> _Call[Any]:
+        body: dict[str, Any] = {
+            "base_currency": base_currency,
+            "balances": {k: format(Decimal(str(v)), "f") for k, v in (balances or {}).items()},
+        }
+        if limits is not None:
+            body["limits"] = {k: (format(v, "f") if isinstance(v, Decimal) else v) for k, v in limits.items()}
+        return _Call("PUT", f"/v1/portfolios/{_seg(portfolio_id)}", _json, json=body)
+
+    @staticmethod
+    def get_portfolio(portfolio_id: str) -> _Call[Any]:
+        return _Call("GET", f"/v1/portfolios/{_seg(portfolio_id)}", _json)
+
+    @staticmethod
+    def set_trading_state(portfolio_id: str, state: str) -> _Call[Any]:
+        return _Call("PUT", f"/v1/portfolios/{_seg(portfolio_id)}/trading-state", _json, json={"state": state})
+
+    @staticmethod
+    def positions(portfolio_id: str) -> _Call[Any]:
+        return _Call("GET", f"/v1/portfolios/{_seg(portfolio_id)}/positions", lambda r: _json(r)["positions"])
+
+    @staticmethod
+    def orders(portfolio_id: str, status: str | None, limit: int) -> _Call[list[OrderResult]]:
+        params: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            params["status"] = status
+        return _Call("GET", f"/v1/portfolios/{_seg(portfolio_id)}/orders", _orders, params=params)
+
+    @staticmethod
+    def create_api_key(name: str, portfolios: Sequence[str] | str, scopes: Sequence[str]) -> _Call[Any]:
+        body = {"name": name, "portfolios": portfolios if isinstance(portfolios, str) else list(portfolios),
+                "scopes": list(scopes)}
+        return _Call("POST", "/v1/api-keys", lambda r: r.json(), json=body)
+
+    @staticmethod
+    def revoke_api_key(key_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/v1/api-keys/{_seg(key_id)}", _nothing)
+
+    @staticmethod
+    def events(correlation_id: str) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/events", lambda r: list(r.json()["events"]), params={"correlation_id": correlation_id})
+
+
+def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    url = base_url or os.environ.get("ZVT_GATEWAY_URL") or DEFAULT_URL
+    key = api_key or os.environ.get("ZVT_API_KEY")
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return url, headers
+
+
+class Client:
+    """Synchronous client. ``transport`` lets tests plug an ``httpx`` transport in."""
+
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 40.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        url, headers = _settings(base_url, api_key)
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+    def _run(self, call: _Call[T]) -> T:
+        response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+        _raise_for(response)
+        return call.parse(response)
+
+    def place_order(self, request: OrderRequest, *, wait: float | None = None) -> OrderResult:
+        """Submit an order; safe to retry with the same request (same ``client_order_id``)."""
+        return self._run(_Calls.place_order(request, wait))
+
+    def get_order(self, order_id: str) -> OrderResult:
+        return self._run(_Calls.get_order(order_id))
+
+    def cancel_order(self, order_id: str) -> OrderResult:
+        return self._run(_Calls.cancel_order(order_id))
+
+    def put_portfolio(
+        self, portfolio_id: str, *, base_currency: str = "USDT", balances: Mapping[str, Decimal | str] | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return self._run(_Calls.put_portfolio(portfolio_id, base_currency, balances, limits))
+
+    def get_portfolio(self, portfolio_id: str) -> Any:
+        return self._run(_Calls.get_portfolio(portfolio_id))
+
+    def set_trading_state(self, portfolio_id: str, state: str) -> Any:
+        return self._run(_Calls.set_trading_state(portfolio_id, state))
+
+    def positions(self, portfolio_id: str) -> Any:
+        return self._run(_Calls.positions(portfolio_id))
+
+    def orders(self, portfolio_id: str, *, status: str | None = None, limit: int = 50) -> list[OrderResult]:
+        return self._run(_Calls.orders(portfolio_id, status, limit))
+
+    def create_api_key(self, name: str, *, portfolios: Sequence[str] | str, scopes: Sequence[str]) -> Any:
+        return self._run(_Calls.create_api_key(name, portfolios, scopes))
+
+    def revoke_api_key(self, key_id: str) -> None:
+        self._run(_Calls.revoke_api_key(key_id))
+
+    def events(self, correlation_id: str) -> list[dict[str, Any]]:
+        return self._run(_Calls.events(correlation_id))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asynchronous client, the same calls as ``Client``."""
+
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 40.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        url, headers = _settings(base_url, api_key)
+        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+    async def _run(self, call: _Call[T]) -> T:
+        response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+        _raise_for(response)
+        return call.parse(response)
+
+    async def place_order(self, request: OrderRequest, *, wait: float | None = None) -> OrderResult:
+        return await self._run(_Calls.place_order(request, wait))
+
+    async def get_order(self, order_id: str) -> OrderResult:
+        return await self._run(_Calls.get_order(order_id))
+
+    async def cancel_order(self, order_id: str) -> OrderResult:
+        return await self._run(_Calls.cancel_order(order_id))
+
+    async def put_portfolio(
+        self, portfolio_id: str, *, base_currency: str = "USDT", balances: Mapping[str, Decimal | str] | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return await self._run(_Calls.put_portfolio(portfolio_id, base_currency, balances, limits))
+
+    async def get_portfolio(self, portfolio_id: str) -> Any:
+        return await self._run(_Calls.get_portfolio(portfolio_id))
+
+    async def set_trading_state(self, portfolio_id: str, state: str) -> Any:
+        return await self._run(_Calls.set_trading_state(portfolio_id, state))
+
+    async def positions(self, portfolio_id: str) -> Any:
+        return await self._run(_Calls.positions(portfolio_id))
+
+    async def orders(self, portfolio_id: str, *, status: str | None = None, limit: int = 50) -> list[OrderResult]:
+        return await self._run(_Calls.orders(portfolio_id, status, limit))
+
+    async def create_api_key(self, name: str, *, portfolios: Sequence[str] | str, scopes: Sequence[str]) -> Any:
+        return await self._run(_Calls.create_api_key(name, portfolios, scopes))
+
+    async def revoke_api_key(self, key_id: str) -> None:
+        await self._run(_Calls.revoke_api_key(key_id))
+
+    async def events(self, correlation_id: str) -> list[dict[str, Any]]:
+        return await self._run(_Calls.events(correlation_id))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
