@@ -339,6 +339,45 @@ async def test_notifications_when_many_events_and_urls_delivers_each_to_each_con
     assert await bus.dead_letters() == []
 
 
+async def test_notifications_when_retry_after_is_long_leaves_it_to_the_bus_to_redeliver_later(
+    target: Target, redis: AnyRedis, bus_settings: Callable[..., BusSettings], receiver: Receiver
+) -> None:
+    receiver.scripts["/busy"] = [(503, {"Retry-After": "60"})]
+    bus_cfg = fast_bus(bus_settings, reclaim_idle_ms=1000)
+    bus = Bus(redis, bus_cfg)
+    event = executed(7)
+    async with running(target, bus_cfg, notifications(receiver, "/busy")):
+        await bus.publish(event)
+        await eventually(lambda: len(receiver.to("/busy")) == 2, timeout=15)
+        await eventually(lambda: drained(redis, bus_cfg, [EventType.ORDER_EXECUTED]), timeout=10)
+    first, second = receiver.to("/busy")
+    assert second.at - first.at >= 0.9  # not retried in-process: redelivered after the reclaim idle time
+    assert second.headers["x-zvt-event-id"] == event.event_id
+    assert await bus.dead_letters() == []
+
+
+async def test_notifications_when_stopped_between_retries_stops_at_once_and_leaves_the_event_pending(
+    target: Target, redis: AnyRedis, bus_settings: Callable[..., BusSettings], receiver: Receiver
+) -> None:
+    receiver.always["/slow"] = 500
+    bus_cfg = fast_bus(bus_settings, reclaim_idle_ms=30_000)  # a budget the backoff fits in
+    bus = Bus(redis, bus_cfg)
+    settings = notifications(receiver, "/slow", backoff_base_s=10.0, backoff_max_s=10.0)  # 5 to 10 s
+    async with running(target, bus_cfg, settings):
+        await bus.publish(executed(6))
+        await eventually(lambda: len(receiver.to("/slow")) == 1, timeout=15)
+        await asyncio.sleep(0.1)  # now in its backoff
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 3  # the backoff was cut short
+    assert len(receiver.to("/slow")) == 1
+    lags = await bus.group_lag(GROUP, [EventType.ORDER_EXECUTED])
+    assert sum(pending for _, pending in lags.values()) == 1  # not acked: redelivered later
+    errors = [e for s in range(bus.keys.shards) for e in (await redis.hgetall(bus.keys.errors(s, GROUP))).values()]
+    assert len(errors) == 1 and errors[0].decode().startswith("DeliveryDeferred: ")
+    assert errors[0].decode().endswith("HTTP 500 after 1 attempt (stopping)")
+    assert await bus.dead_letters() == []
+
+
 # ---------------------------------------------------------------------------------------------
 # the process
 
