@@ -23,8 +23,11 @@ def build(service: Service) -> None:
     settings = load(RecorderSettings)
     state: dict[str, EventStore] = {}
 
-    async def open_store(_: Service) -> None:
-        store = await EventStore.open(settings.postgres_dsn, max_size=settings.pool_size)
+    async def open_store(service: Service) -> None:
+        assert service.bus is not None
+        store = await EventStore.open(
+            settings.postgres_dsn, max_size=settings.pool_size, namespace=service.bus.settings.namespace
+        )
         await store.migrate()
         state["store"] = store
 

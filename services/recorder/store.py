@@ -52,12 +52,21 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX zvt_events_type_time ON zvt_events (event_type, occurred_at);
         """,
     ),
+    (
+        2,
+        # The bus namespace an event was recorded from: one database can hold several
+        # platforms (environments, test runs) whose portfolio ids overlap.
+        """
+        ALTER TABLE zvt_events ADD COLUMN namespace text NOT NULL DEFAULT 'zvt';
+        CREATE INDEX zvt_events_namespace_type ON zvt_events (namespace, event_type, seq);
+        """,
+    ),
 ]
 
 _INSERT = """
     INSERT INTO zvt_events (event_id, event_type, version, occurred_at, portfolio_id,
-                            correlation_id, causation_id, order_id, route, envelope)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                            correlation_id, causation_id, order_id, route, envelope, namespace)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -74,16 +83,19 @@ class StoredEvent:
 class EventStore:
     """Append-only store of events over a psycopg connection pool."""
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], namespace: str = "zvt") -> None:
+        """``namespace``: the bus namespace appended events come from, and the one replay
+        reads (ids are unique everywhere, so lookups by correlation or order id ignore it)."""
         self.pool = pool
+        self.namespace = namespace
 
     @classmethod
-    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> EventStore:
+    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 4, namespace: str = "zvt") -> EventStore:
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": False}
         )
         await pool.open(wait=True, timeout=30)
-        return cls(pool)
+        return cls(pool, namespace)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -111,7 +123,7 @@ class EventStore:
         """Store events in the given order, in one transaction; returns how many were new."""
         if not events:
             return 0
-        rows = [_row(event) for event in events]
+        rows = [(*_row(event), self.namespace) for event in events]
         async with self.pool.connection() as conn, conn.transaction():
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT, rows, returning=False)
@@ -126,8 +138,17 @@ class EventStore:
         return await self._select("order_id = %s", (order_id,), limit)
 
     async def events_for_portfolio(self, portfolio_id: str, after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
-        """A portfolio's events in stored order, from ``after_seq`` on: what replay reads."""
-        return await self._select("portfolio_id = %s AND seq > %s", (portfolio_id, after_seq), limit)
+        """A portfolio's events (of this store's namespace) in stored order, from ``after_seq`` on."""
+        return await self._select(
+            "namespace = %s AND portfolio_id = %s AND seq > %s", (self.namespace, portfolio_id, after_seq), limit
+        )
+
+    async def events_of_types(self, event_types: Sequence[str], after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
+        """Events of these types (of this store's namespace) in stored order: what replay reads,
+        page by page."""
+        return await self._select(
+            "namespace = %s AND event_type = ANY(%s) AND seq > %s", (self.namespace, list(event_types), after_seq), limit
+        )
 
     async def count(self) -> int:
         async with self.pool.connection() as conn:

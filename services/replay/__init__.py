@@ -1,0 +1,1 @@
+"""Replay: rebuild positions from the event store and compare them with the live state."""
