@@ -262,10 +262,10 @@ def main(name: str, build: Callable[[Service], Any], description: str = "") -> N
         raise SystemExit(2)
     try:
         service = Service(name)
+        build(service)  # a service's own settings are loaded here
     except SettingsError as exc:
         print(f"{name}: {exc.line}", file=sys.stderr)
         raise SystemExit(2) from None
-    build(service)
     raise SystemExit(asyncio.run(service.run()))
 
 

@@ -1,0 +1,206 @@
+"""The stages' decisions, without Redis: each stage's apply step is a function of the event,
+the state it loaded, and a ``Commit`` that collects what it emits and writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from services.core.bus import Commit, PermanentError
+from services.core.events import (
+    Event,
+    EventType,
+    ExchangeRouted,
+    Liquidity,
+    OrderCanceled,
+    OrderExecuted,
+    OrderRejected,
+    OrderRequested,
+    OrderType,
+    OrderValidated,
+    Side,
+    TradingState,
+)
+from services.core.hotstate import (
+    DEFAULT_LIMITS,
+    OrderRecord,
+    PortfolioRecord,
+    PositionRecord,
+    RiskRecord,
+    StateKeys,
+    new_order_id,
+    shard_of_order_id,
+)
+from services.core.keys import Keys
+from services.order.stage import EXPIRED_REASON, OrderStage
+from services.portfolio.stage import PortfolioStage, _State, apply_fill_to_balances
+from services.replay.ledger import compare, rebuild
+from services.risk.stage import PortfolioState, RiskStage
+from services.trading.orders import OrderStatus
+
+D = Decimal
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+KEYS = Keys("u", 4)
+SK = StateKeys(KEYS)
+
+
+def commit_for(pid: str) -> Commit:
+    return Commit(KEYS, KEYS.shard_of(pid))
+
+
+def record(status: OrderStatus = OrderStatus.REQUESTED, **kw: Any) -> OrderRecord:
+    values: dict[str, Any] = dict(
+        order_id="o-1", client_order_id="c-1", portfolio_id="pf", correlation_id="o-1", symbol="BTC/USDT",
+        side=Side.BUY, order_type=OrderType.MARKET, quantity=D("2"), status=status, created_at=NOW, updated_at=NOW,
+    )
+    values.update(kw)
+    return OrderRecord(**values)
+
+
+def executed(fill: int, qty: str, leaves: str, cumulative: str) -> Event[Any]:
+    return Event.new(
+        OrderExecuted(
+            order_id="o-1", client_order_id="c-1", symbol="BTC/USDT", side=Side.BUY, venue="paper",
+            venue_order_id="v-1", fill_id=f"o-1:{fill}", quantity=D(qty), price=D("100"), commission=D("0.1"),
+            commission_asset="USDT", liquidity=Liquidity.TAKER, cumulative_quantity=D(cumulative),
+            leaves_quantity=D(leaves),
+        ),
+        portfolio_id="pf",
+    )
+
+
+def validated() -> Event[Any]:
+    return Event.new(
+        OrderValidated(
+            order_id="o-1", client_order_id="c-1", symbol="BTC/USDT", side=Side.BUY, order_type=OrderType.MARKET,
+            quantity=D("2"),
+        ),
+        portfolio_id="pf",
+    )
+
+
+def test_order_id_when_made_for_a_shard_names_that_shard() -> None:
+    for shard in (0, 3, 4095):
+        assert shard_of_order_id(new_order_id(shard)) == shard
+    assert shard_of_order_id("not-an-order-id") is None
+
+
+def test_order_stage_when_validated_creates_the_order_and_emits_order_created() -> None:
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    commit = commit_for("pf")
+    after = stage.apply(validated(), record(), commit)
+    assert after.status is OrderStatus.CREATED
+    assert [e.event_type for e in commit.outputs] == [EventType.ORDER_CREATED]
+    again = commit_for("pf")
+    assert stage.apply(validated(), after, again) is after and not again.outputs  # a repeat changes nothing
+
+
+def test_order_stage_when_fill_overtakes_routing_ack_fills_and_ignores_the_late_ack() -> None:
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    created = record(OrderStatus.CREATED)
+    partly = stage.apply(executed(1, "0.5", "1.5", "0.5"), created, commit_for("pf"))
+    assert partly.status is OrderStatus.PARTIALLY_FILLED and partly.venue == "paper"
+    full = stage.apply(executed(2, "1.5", "0", "2"), partly, commit_for("pf"))
+    assert full.status is OrderStatus.FILLED and full.filled_quantity == D("2") and full.commission == D("0.2")
+    assert stage.apply(executed(2, "1.5", "0", "2"), full, commit_for("pf")) is full  # same fill again
+    ack = Event.new(ExchangeRouted(order_id="o-1", venue="paper", expected_price=None, fee_rate=D("0"), reason="x"), portfolio_id="pf")
+    assert stage.apply(ack, full, commit_for("pf")) is full
+    with pytest.raises(PermanentError):  # a new fill on a finished order is for an operator
+        stage.apply(executed(3, "0.1", "0", "2.1"), full, commit_for("pf"))
+
+
+def test_order_stage_when_expiry_overtakes_routing_ack_expires_the_order() -> None:
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    canceled = Event.new(
+        OrderCanceled(order_id="o-1", client_order_id="c-1", reason=EXPIRED_REASON, filled_quantity=D(0), canceled_quantity=D(2)),
+        portfolio_id="pf",
+    )
+    assert stage.apply(canceled, record(OrderStatus.CREATED), commit_for("pf")).status is OrderStatus.EXPIRED
+
+
+def test_order_stage_when_rejected_keeps_the_code_even_for_an_invalid_request() -> None:
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    rejected = Event.new(
+        OrderRejected(order_id="o-1", client_order_id="c-1", reason_code="INVALID_PRICE", reason="bad", stage="risk"),
+        portfolio_id="pf",
+    )
+    after = stage.apply(rejected, record(price=D("-1"), order_type=OrderType.LIMIT), commit_for("pf"))
+    assert (after.status, after.reject_code) == (OrderStatus.REJECTED, "INVALID_PRICE")
+
+
+def request(qty: str = "0.1", side: Side = Side.BUY, order_id: str = "o-1") -> Event[Any]:
+    return Event.new(
+        OrderRequested(order_id=order_id, client_order_id=order_id, symbol="BTC/USDT", side=side, order_type=OrderType.MARKET, quantity=D(qty)),
+        portfolio_id="pf",
+    )
+
+
+def portfolio_state(usdt: str, trading_state: TradingState = TradingState.ACTIVE) -> PortfolioState:
+    return PortfolioState(
+        portfolio=PortfolioRecord(portfolio_id="pf", trading_state=trading_state, created_at=NOW, updated_at=NOW),
+        balances={"USDT": D(usdt)},
+        positions={},
+        risk=RiskRecord(),
+    )
+
+
+def test_risk_stage_when_orders_approved_reserves_funds_until_they_finish() -> None:
+    stage = RiskStage(None, SK, None, clock=lambda: NOW)  # type: ignore[arg-type]
+    state = portfolio_state("7000")
+    marks = {"BTC/USDT": D("60000")}
+    first, second = commit_for("pf"), commit_for("pf")
+    stage.assess(request(order_id="o-1"), state, marks, first)  # 6006 with the fee allowance
+    stage.assess(request(order_id="o-2"), state, marks, second)
+    assert first.outputs[0].event_type is EventType.ORDER_VALIDATED
+    assert second.outputs[0].payload.reason_code == "INSUFFICIENT_BALANCE"
+    assert state.reserved["USDT"] == D("6006.0")
+    stage.release(executed(1, "0.1", "0", "0.1"), state)  # o-1 done: its reservation goes
+    third = commit_for("pf")
+    stage.assess(request(order_id="o-3"), state, marks, third)
+    assert third.outputs[0].event_type is EventType.ORDER_VALIDATED
+    assert set(state.risk.open) == {"o-3"}
+
+
+def test_risk_stage_when_portfolio_halted_rejects() -> None:
+    stage = RiskStage(None, SK, None, clock=lambda: NOW)  # type: ignore[arg-type]
+    commit = commit_for("pf")
+    stage.assess(request(), portfolio_state("1000000", TradingState.HALTED), {"BTC/USDT": D("60000")}, commit)
+    assert commit.outputs[0].payload.reason_code == "TRADING_HALTED"
+    assert DEFAULT_LIMITS.to_limits().max_orders_per_window > 0
+
+
+def test_portfolio_stage_when_fills_applied_moves_position_and_balances() -> None:
+    stage = PortfolioStage(None, SK, clock=lambda: NOW)
+    state = _State(trading_state=TradingState.ACTIVE, balances={"USDT": D("1000")}, positions={})
+    commit = commit_for("pf")
+    stage.apply(executed(1, "2", "0", "2"), state, commit)
+    assert state.positions["BTC/USDT"].quantity == D("2") and state.positions["BTC/USDT"].fills == 1
+    assert state.balances == {"USDT": D("799.9"), "BTC": D("2")}
+    update = commit.outputs[0].payload
+    assert (update.sequence, update.average_price, update.realized_pnl) == (1, D("100"), D("-0.1"))
+
+
+def test_balances_when_sell_filled_receive_quote_less_fee() -> None:
+    sell = executed(1, "1", "0", "1").payload
+    sold = OrderExecuted(**{**{f: getattr(sell, f) for f in sell.__struct_fields__}, "side": Side.SELL})
+    assert apply_fill_to_balances({"BTC": D("1")}, sold) == {"BTC": D("0"), "USDT": D("99.9")}
+
+
+def test_ledger_when_fills_replayed_in_sequence_equals_the_live_fold() -> None:
+    fills = [("pf", executed(i, "1", "0", "1").payload) for i in (1, 2)]
+    updates = []
+    for seq, (_, f) in enumerate(fills, start=1):
+        from services.core.events import PositionUpdated
+
+        updates.append(("pf", PositionUpdated(symbol="BTC/USDT", quantity=D(seq), average_price=D("100"), realized_pnl=D(0), fill_id=f.fill_id, sequence=seq)))
+    rebuilt = rebuild(fills + fills, updates)  # duplicates are harmless
+    assert not rebuilt.problems and rebuilt.fills == 2
+    live = {("pf", "BTC/USDT"): PositionRecord(symbol="BTC/USDT", quantity=D("2"), cost_basis=D("200"), realized_pnl=D("-0.2"), fills=2)}
+    assert compare(rebuilt.positions, live) == []
+    wrong = {("pf", "BTC/USDT"): PositionRecord(symbol="BTC/USDT", quantity=D("3"), cost_basis=D("200"), realized_pnl=D("-0.2"), fills=2)}
+    assert compare(rebuilt.positions, wrong) == ["pf BTC/USDT: quantity replayed 2 != live 3"]
+    unapplied = rebuild(fills, updates[:1])
+    assert any("never applied" in p for p in unapplied.problems)
