@@ -476,3 +476,28 @@ async def test_async_client_when_placing_an_order_round_trips_decimals_and_error
         assert await zvt.positions("pf-1") == []
 
 
+
+
+async def test_order_when_tracing_is_on_starts_the_trace_in_a_server_span(world: World) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from services.core import telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.setup_tracing(CoreSettings(), provider=provider)
+    try:
+        await world.portfolio("pf-1")
+        order_id = (await world.http.post("/v1/orders", json=order_body(), headers=AUTH)).json()["order_id"]
+    finally:
+        telemetry.tracing.enabled = False
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/orders"]
+    assert span.kind is SpanKind.SERVER and span.attributes["http.response.status_code"] == 202
+    stream = world.bus.keys.stream(world.bus.keys.shard_of("pf-1"), EventType.ORDER_REQUESTED)
+    event = decode_any((await world.redis.xrange(stream))[0][1][b"d"])
+    assert event.payload.order_id == order_id
+    assert event.traceparent.startswith(f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-")
