@@ -21,7 +21,7 @@ from pathlib import Path
 
 from devstack.stack import ROOT, STATE_DIR, DevstackError, _pid_alive, _read_pidfile, _tail, _wait_dead
 
-__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "start_detached", "status_detached", "stop_detached"]
+__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "logged", "start_detached", "status_detached", "stop_detached"]
 
 PIPELINE = ("risk", "order", "routing", "portfolio")
 """The stages an order passes through, in order."""
@@ -144,6 +144,20 @@ class Fleet:
 
     def pids(self) -> list[int]:
         return [p.popen.pid for procs in self.procs.values() for p in procs if p.alive]
+
+
+def logged(proc: Proc, message: str, key: str, timeout: float = 30.0) -> object:
+    """The ``key`` field of the last JSON log line ``message`` of ``proc`` (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in reversed(proc.log.read_text(errors="replace").splitlines()):
+            if f'"{message}"' in line:
+                try:
+                    return json.loads(line)[key]
+                except (ValueError, KeyError):
+                    break
+        time.sleep(0.05)
+    raise DevstackError(f"{proc.label} did not log {message!r}:\n{_tail(proc.log, 30)}")
 
 
 def _started_port(log: Path) -> int | None:

@@ -172,6 +172,7 @@ DOCUMENTED_MODULES = (
     "services.recorder.settings",
     "services.routing.settings",
     "services.notifications.settings",
+    "services.gateway.settings",
 )
 
 
