@@ -9,6 +9,17 @@ PY := .venv/bin/python
 DEVSTACK = $(if $(wildcard $(PY)),$(PY),python3) -m devstack
 PYTEST_ARGS ?=
 
+# `make up` settings (e.g. `make up REDIS=single ORDERS=1000`):
+REDIS ?= cluster#          the fleet's Redis: cluster (127.0.0.1:7101, ZVT_REDIS_CLUSTER=true) or single (127.0.0.1:6390)
+NAMESPACE ?= zvt#          ZVT_BUS_NAMESPACE of the fleet
+GATEWAY_PORT ?= 8080#      the public API on 127.0.0.1
+WEBHOOK_PORT ?= 8081#      the local webhook receiver the notifications service posts to
+ORDERS ?= 200#             what the main job places ...
+PORTFOLIOS ?= 5#           ... across this many portfolios (plus a halted one) ...
+CONCURRENCY ?= 16#         ... this many at a time
+FLEET_STATE ?= .zvt#       the fleet's env files (fleet.env, local.env), pid files and logs
+FLEET = fleet --state-dir $(FLEET_STATE)
+
 .PHONY: help deps up down status test lint bench clean
 
 help: ## list the targets
@@ -17,20 +28,25 @@ help: ## list the targets
 deps: ## install Redis and PostgreSQL (apt) and the virtualenv, if missing or outdated
 	@bash scripts/bootstrap.sh
 
-up: deps ## start Redis, Redis Cluster, PostgreSQL and run the demo against them
+up: deps ## start Redis, Redis Cluster, PostgreSQL and every service, then place orders through the API
 	@$(PY) -m devstack start
-	$(PY) -m services.core.demo
 	@echo
-	@echo "running:"
-	@$(PY) -m devstack status
-	@echo "logs and data: .zvt/"
-	@echo "stop it with: make down"
+	@$(PY) -m devstack $(FLEET) start --redis $(REDIS) --namespace $(NAMESPACE) \
+		--gateway-port $(GATEWAY_PORT) --webhook-port $(WEBHOOK_PORT)
+	@echo
+	env -u ZVT_GATEWAY_URL -u ZVT_API_KEY -u ZVT_WEBHOOK_SINK_URL $(PY) -m services.demo \
+		--env-file $(FLEET_STATE)/local.env --orders $(ORDERS) --portfolios $(PORTFOLIOS) --concurrency $(CONCURRENCY)
+	@echo
+	@echo "the stack keeps running: make status, make down; logs in $(FLEET_STATE)/logs/;"
+	@echo "to use it from a shell: set -a; . $(FLEET_STATE)/local.env; set +a"
 
-down: ## stop everything devstack started
+down: ## stop the services, then Redis, Redis Cluster and PostgreSQL
+	@$(DEVSTACK) $(FLEET) stop
 	@$(DEVSTACK) stop
 
 status: ## what runs where
 	@$(DEVSTACK) status
+	@$(DEVSTACK) $(FLEET) status
 
 test: deps ## type-check, then run the test suite
 	$(PY) -m mypy

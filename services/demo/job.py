@@ -308,7 +308,7 @@ async def job(args: argparse.Namespace, target: Target, out: Callable[[str], Non
             marks = dict(PRICE_GUESS)
         out("reference prices: " + ", ".join(f"{s} {marks[s]}" for s in SYMBOLS))
         plan = build_plan(run_id, args.orders, args.portfolios, marks, seed=args.seed)
-        with tqdm(total=args.orders, initial=len(seeded), unit="order", desc="orders", disable=args.no_progress,
+        with tqdm(total=args.orders, initial=len(seeded), unit="order", desc="orders", disable=True if args.no_progress else None,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             outcomes = [*seeded, *await run.place_all(plan.orders, bar)]
         elapsed = time.perf_counter() - started

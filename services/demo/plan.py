@@ -123,7 +123,7 @@ def seed_orders(run_id: str, portfolio: str) -> list[Planned]:
 
 
 def _counts(orders: int) -> tuple[int, int]:
-    rejects = max(len(REJECTS), round(orders * REJECT_SHARE))
+    rejects = len(REJECTS) * max(1, round(orders * REJECT_SHARE / len(REJECTS)))  # as many of each
     resting = max(1, round(orders * RESTING_SHARE))
     return rejects, resting
 
