@@ -53,6 +53,7 @@ import multiprocessing as mp
 import os
 import platform
 import pstats
+import re
 import shlex
 import shutil
 import signal
@@ -562,15 +563,44 @@ async def run(args: argparse.Namespace, target: RedisTarget, namespace: str, wor
         await client.aclose()
 
 
-def profile_top(folder: Path, orders: int, limit: int = 12) -> dict[str, list[dict[str, Any]]]:
-    """Each service's functions by own time (tottime), in µs per completed order."""
-    out: dict[str, list[dict[str, Any]]] = {}
+IDLE = "idle (waiting in epoll)"
+
+
+def _area(file: str, fn: str) -> str:
+    """Where a function's own time goes: a repository file, a third-party package, a stdlib
+    module, or (for C functions) what the builtin belongs to."""
+    if file == "~":
+        if "select.epoll" in fn or "select.select" in fn:
+            return IDLE
+        owner = re.search(r"of '([^']+)' objects", fn)
+        return f"C: {owner.group(1)}" if owner else f"C: {fn.strip('<>').removeprefix('built-in method ')}"
+    if "site-packages/" in file:
+        return file.split("site-packages/")[-1].split("/")[0].removesuffix(".py")
+    if file.startswith(str(ROOT)):
+        return file.removeprefix(str(ROOT) + "/")
+    return "stdlib " + Path(file).stem
+
+
+def profile_top(folder: Path, orders: int, limit: int = 12) -> dict[str, Any]:
+    """Each service's functions by own time (tottime), and own time summed by area (file,
+    package, builtin type), in µs per completed order."""
+    out: dict[str, Any] = {}
     for path in sorted(folder.glob("*.pstats")):
         st = pstats.Stats(str(path))
         rows = []
         raw: Any = st.stats  # type: ignore[attr-defined]
-        total = sum(v[2] for v in raw.values())
-        for (file, line, fn), (_cc, nc, tt, ct, _callers) in sorted(raw.items(), key=lambda kv: -kv[1][2])[:limit]:
+        areas: dict[str, float] = {}
+        for (file, _line, fn), v in raw.items():
+            key = _area(file, fn)
+            areas[key] = areas.get(key, 0.0) + v[2]
+        total = sum(t for a, t in areas.items() if a != IDLE)  # shares of the busy time
+        out[path.stem.rsplit("-", 1)[0] + " (by area)"] = [
+            {"function": area, "calls": 0, "tottime_us_per_order": round(t / max(orders, 1) * 1e6, 2),
+             "cumtime_us_per_order": None, "share": round(t / total, 3) if total and area != IDLE else None}
+            for area, t in sorted(areas.items(), key=lambda kv: -kv[1])[:limit]
+        ]
+        busiest = [kv for kv in sorted(raw.items(), key=lambda kv: -kv[1][2]) if _area(kv[0][0], kv[0][2]) != IDLE]
+        for (file, line, fn), (_cc, nc, tt, ct, _callers) in busiest[:limit]:
             short = file.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
             rows.append({"function": f"{short}:{line}({fn})", "calls": nc,
                          "tottime_us_per_order": round(tt / max(orders, 1) * 1e6, 2),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shlex
 import time
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
@@ -63,7 +64,7 @@ REJECT_QUANTITY = Decimal("100")  # BTC: 6,000,000 notional, over max_notional_p
 
 
 def read_local_env(path: Path = LOCAL_ENV) -> dict[str, str]:
-    """``KEY=VALUE`` lines of ``.zvt/local.env`` (``export`` and quotes allowed); {} if absent."""
+    """``KEY=VALUE`` lines of ``.zvt/local.env`` (as devstack writes it: shell-quoted); {} if absent."""
     out: dict[str, str] = {}
     try:
         lines = path.read_text().splitlines()
@@ -74,7 +75,8 @@ def read_local_env(path: Path = LOCAL_ENV) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.removeprefix("export ").partition("=")
-        out[key.strip()] = value.strip().strip("'\"")
+        words = shlex.split(value, comments=True)  # devstack writes shlex-quoted values
+        out[key.strip()] = words[0] if words else ""
     return out
 
 

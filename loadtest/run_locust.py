@@ -21,6 +21,7 @@ import argparse
 import csv
 import datetime as dt
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ def read_local_env(path: Path = ROOT / ".zvt" / "local.env") -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.removeprefix("export ").partition("=")
-        out[key.strip()] = value.strip().strip("'\"")
+        words = shlex.split(value, comments=True)  # devstack writes shlex-quoted values
+        out[key.strip()] = words[0] if words else ""
     return out
 
 
