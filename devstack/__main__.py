@@ -136,8 +136,10 @@ def start_fleet(args: argparse.Namespace, state_dir: Path, names: Sequence[str],
     write_env(local_file, local, "How tools reach the local stack (the demo, the client, locust): "
               "set -a; . .zvt/local.env; set +a")
     check_reachable(env)
-    lines += fleet.start_detached(env, names)
-    lines.append(f"gateway: {local['ZVT_GATEWAY_URL']}  (admin API key: ZVT_API_KEY in {_show(local_file)})")
+    check_ports_free(env, [n for n in names if n not in running])
+    lines += start_detached(env, names, state_dir)
+    if "gateway" in names:
+        lines.append(f"gateway: {local['ZVT_GATEWAY_URL']}  (admin API key: ZVT_API_KEY in {_show(local_file)})")
     return lines
 
 
@@ -198,6 +200,53 @@ def check_reachable(env: Mapping[str, str]) -> None:
             raise stack.DevstackError(
                 f"{name} at {address[0]}:{address[1]} does not answer ({exc}); start it with `python -m devstack start`"
             ) from None
+
+
+def check_ports_free(env: Mapping[str, str], starting: Sequence[str]) -> None:
+    """A clear error, before any service starts, when a fixed port it needs is taken."""
+    ports = {"gateway": ("ZVT_GATEWAY_HOST", "ZVT_GATEWAY_PORT"), WEBHOOKS: ("ZVT_DEMO_WEBHOOKS_HOST", "ZVT_DEMO_WEBHOOKS_PORT")}
+    for name in starting:
+        if name not in ports:
+            continue
+        host, port = env[ports[name][0]], int(env[ports[name][1]])
+        if port == 0:
+            continue
+        try:
+            socket.create_connection((stack.HOST if host in ("0.0.0.0", "::") else host, port), timeout=1).close()
+        except OSError:
+            continue  # nothing answers there: free
+        raise stack.DevstackError(
+            f"{name} needs {host}:{port}, where something else already listens; stop it or pick another port "
+            f"(make up {'GATEWAY_PORT' if name == 'gateway' else 'WEBHOOK_PORT'}=...)"
+        )
+
+
+def start_detached(env: Mapping[str, str], names: Sequence[str], state_dir: Path) -> list[str]:
+    """Start each service whose pid file names no live process, and leave it running.
+
+    ``devstack.fleet.start_detached`` with one difference: each pid file is written as soon as
+    its process is spawned, before waiting for any to start, so when one fails to start the
+    others are still known to ``fleet stop`` / ``fleet status`` (and a second start does not
+    run them twice).
+    """
+    pid_dir, log_dir = state_dir / "fleet", state_dir / "logs"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    lines, todo = [], []
+    for name in names:
+        pid = stack._read_pidfile(pid_dir / f"{name}.pid")
+        if pid is not None and stack._pid_alive(pid, f"services.{name}"):
+            lines.append(f"{name:14} already running (pid {pid})")
+        else:
+            todo.append(name)
+            (log_dir / f"{name}-0.log").unlink(missing_ok=True)
+    runner = fleet.Fleet(env, log_dir=log_dir)
+    procs = runner.start(todo, wait=False)
+    for proc in procs:
+        (pid_dir / f"{proc.name}.pid").write_text(str(proc.popen.pid))
+    for proc in procs:
+        runner.wait_started(proc)
+        lines.append(f"{proc.name:14} started (pid {proc.popen.pid}, probes :{proc.http_port}, log {_show(proc.log)})")
+    return lines
 
 
 def fleet_status(state_dir: Path, names: Sequence[str]) -> list[str]:
