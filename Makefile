@@ -61,5 +61,5 @@ bench: deps ## bus benchmark, 10 s, results in .zvt/bench/bus.json
 	$(PY) loadtest/bench_bus.py --seconds 10 --json .zvt/bench/bus.json
 
 clean: ## stop everything and remove .zvt (all local data and logs)
-	@if [ -d .zvt ]; then $(DEVSTACK) stop; fi
+	@if [ -d .zvt ]; then $(DEVSTACK) fleet stop; $(DEVSTACK) stop; fi
 	rm -rf .zvt

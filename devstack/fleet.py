@@ -21,7 +21,7 @@ from pathlib import Path
 
 from devstack.stack import ROOT, STATE_DIR, DevstackError, _pid_alive, _read_pidfile, _tail, _wait_dead
 
-__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "logged", "start_detached", "status_detached", "stop_detached"]
+__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "logged", "status_detached", "stop_detached"]
 
 PIPELINE = ("risk", "order", "routing", "portfolio")
 """The stages an order passes through, in order."""
@@ -176,26 +176,6 @@ def _started_port(log: Path) -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 # Detached fleet for `make up` / `make down`
-
-
-def start_detached(env: Mapping[str, str], names: Iterable[str] = SERVICES, python: str = sys.executable) -> list[str]:
-    """Start each service (unless its pid file names a live process) and leave it running."""
-    FLEET_DIR.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(env, log_dir=STATE_DIR / "logs", python=python)
-    lines = []
-    todo = []
-    for name in names:
-        pid = _read_pidfile(FLEET_DIR / f"{name}.pid")
-        if pid is not None and _pid_alive(pid, f"services.{name}"):
-            lines.append(f"{name:14} already running (pid {pid})")
-            continue
-        todo.append(name)
-    for name in todo:
-        (STATE_DIR / "logs" / f"{name}-0.log").unlink(missing_ok=True)
-    for proc in fleet.start(todo):
-        (FLEET_DIR / f"{proc.name}.pid").write_text(str(proc.popen.pid))
-        lines.append(f"{proc.name:14} started (pid {proc.popen.pid}, probes :{proc.http_port}, log {proc.log})")
-    return lines
 
 
 def stop_detached(names: Iterable[str] = SERVICES, timeout: float = 30.0) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
+TOOLS = {"demo", "replay"}  # commands, not long-running services
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_entry_point_when_installed_from_the_wheel_answers_help(installed: Path,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: python -m services.{service}")
-    assert "ZVT_REDIS_URL" in proc.stdout
+    if service not in TOOLS:  # a service lists every setting it reads
+        assert "ZVT_REDIS_URL" in proc.stdout
 
 
 def test_wheel_when_installed_carries_the_packages_and_not_the_tests(installed: Path) -> None:

@@ -32,7 +32,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from redis.asyncio import RedisCluster
@@ -299,9 +299,7 @@ class Bus:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-        await asyncio.gather(
-            *(create(self.keys.stream(s, t)) for t in event_types for s in range(self.keys.shards))
-        )
+        await _gather_bounded([create(self.keys.stream(s, t)) for t in event_types for s in range(self.keys.shards)])
 
     async def group_lag(self, group: str, event_types: Iterable[EventType]) -> dict[tuple[EventType, int], tuple[int, int]]:
         """``(lag, pending)`` of ``group`` per (event type, shard); missing streams count as 0."""
@@ -317,7 +315,7 @@ class Bus:
                     return int(info.get("lag") or 0), int(info["pending"])
             return 0, 0
 
-        results = await asyncio.gather(*(one(t, s) for t, s in pairs))
+        results = await _gather_bounded([one(t, s) for t, s in pairs])
         return dict(zip(pairs, results, strict=True))
 
     async def backlog(self, group: str, event_types: Iterable[EventType]) -> int:
@@ -1024,6 +1022,23 @@ class Consumer:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+_MAX_CONCURRENT = 32
+"""Commands one call fans out at once: a cluster client holds a bounded pool per node."""
+
+
+_T = TypeVar("_T")
+
+
+async def _gather_bounded(coros: list[Awaitable[_T]]) -> list[_T]:
+    gate = asyncio.Semaphore(_MAX_CONCURRENT)
+
+    async def one(coro: Awaitable[_T]) -> _T:
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
 
 
 def _s(value: Any) -> str:

@@ -53,6 +53,7 @@ def connect(settings: CoreSettings) -> AnyRedis:
             socket_connect_timeout=settings.redis_timeout_s,
             retry=retry,
             health_check_interval=0,
+            max_connections=512,  # per node; the default 100 is less than a cold start fans out
         )
         # RedisCluster fixes its connection class; nodes are built from these kwargs.
         for kwargs in (cluster.connection_kwargs, cluster.nodes_manager.connection_kwargs):
