@@ -196,6 +196,26 @@ def delete_namespace(target: RedisTarget, namespace: str) -> int:
     return deleted
 
 
+def cleanup(target: RedisTarget, namespace: str, attempts: int = 5) -> None:
+    """Delete the namespace's keys, retrying through a failover (on a cluster the masters are
+    looked up again); says so loudly if the keys stay behind."""
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            if target.cluster and attempt:
+                cluster = redis.RedisCluster.from_url(target.url, socket_timeout=30)
+                target.masters = sorted((n.host, int(n.port)) for n in cluster.get_primaries())  # type: ignore[no-untyped-call]
+                cluster.close()
+            n = delete_namespace(target, namespace)
+            print(f"namespace {namespace}: {n} keys deleted", flush=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - reported below
+            last = exc
+            time.sleep(2)
+    print(f"WARNING: the keys of namespace {namespace} were not deleted ({type(last).__name__}: {last}); "
+          f"delete them by SCAN MATCH '{namespace}:*' + UNLINK on every master", file=sys.stderr, flush=True)
+
+
 def commandstats(target: RedisTarget) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for host, port in target.masters:
@@ -689,9 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(run(args, target, namespace, work))
         failed = False
     finally:
-        with contextlib.suppress(Exception):
-            n = delete_namespace(target, namespace)
-            print(f"namespace {namespace}: {n} keys deleted", flush=True)
+        cleanup(target, namespace)
         if target.stop is not None:
             target.stop()
         if failed or args.keep_logs:

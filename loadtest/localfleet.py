@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
+import sys
 import tempfile
 import time
 import urllib.request
@@ -108,5 +109,7 @@ def http_fleet(
         yield HttpFleet(url, admin_key, namespace, redis_url, fleet, logs)
     finally:
         fleet.stop()
-        with contextlib.suppress(redis.RedisError):
+        try:
             delete_namespace(redis_url, namespace)
+        except redis.RedisError as exc:
+            print(f"WARNING: the keys of namespace {namespace} were not deleted ({exc})", file=sys.stderr)

@@ -34,15 +34,13 @@ import itertools
 import os
 import random
 import shlex
-import time
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import gevent.lock
-from locust import FastHttpUser, between, events, task
-from locust.env import Environment
+from locust import FastHttpUser, between, task
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ENV = ROOT / ".zvt" / "local.env"
@@ -249,9 +247,3 @@ class TraderUser(FastHttpUser):
         else:
             self._submit(body, "POST /v1/orders (risk reject)")
 
-
-@events.test_start.add_listener
-def _announce(environment: Environment, **_: Any) -> None:
-    if environment.parsed_options is not None and not getattr(environment.parsed_options, "worker", False):
-        print(f"locustfile: {len(PORTFOLIOS)} portfolios ({PORTFOLIOS[0]}..), wait={WAIT_S:g}s, run {RUN_ID}, "
-              f"t={time.strftime('%H:%M:%S')}", flush=True)
