@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 import hiredis
@@ -9,11 +10,11 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from services.core.settings import CoreSettings
 
-__all__ = ["AnyRedis", "connect", "open_redis"]
+__all__ = ["AnyRedis", "ScriptBatcher", "connect", "open_redis"]
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 
@@ -81,3 +82,68 @@ async def open_redis(settings: CoreSettings) -> AnyRedis:
     if isinstance(client, RedisCluster):
         await client.initialize()
     return client
+
+
+class ScriptBatcher:
+    """Calls of one Lua script from many concurrent tasks, sent together: every call made while
+    a round trip is in flight goes out in the next one, as one pipeline (``EVALSHA`` each).
+
+    redis-py spends most of a command's CPU per round trip (connection checkout, wait_for,
+    observability hooks), so a busy gateway pays it once per batch instead of once per
+    request. A lone call still goes out at once. Each call gets its own reply or exception.
+    """
+
+    def __init__(self, redis: AnyRedis, source: str, *, max_batch: int = 256) -> None:
+        self.redis = redis
+        self.script = redis.register_script(source)
+        self.max_batch = max_batch
+        self._queue: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._draining = False
+
+    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                try:
+                    replies = await self._send(batch)
+                except Exception as exc:  # the round trip failed: every call of it did
+                    replies = [exc] * len(batch)
+                for (_, _, future), reply in zip(batch, replies, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._draining = False
+
+    async def _send(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            try:
+                return [await self.script(keys=keys, args=args)]
+            except Exception as exc:
+                return [exc]
+        pipe: Any = self.redis.pipeline(transaction=False)
+        sha = self.script.sha
+        for keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        replies: list[Any] = list(await pipe.execute(raise_on_error=False))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # a restarted or failed-over Redis: load it again
+                keys, args, _ = batch[i]
+                try:
+                    replies[i] = await self.script(keys=keys, args=args)
+                except Exception as exc:
+                    replies[i] = exc
+        return replies

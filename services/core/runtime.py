@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import uvicorn
+import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -266,7 +267,8 @@ def main(name: str, build: Callable[[Service], Any], description: str = "") -> N
     except SettingsError as exc:
         print(f"{name}: {exc.line}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(asyncio.run(service.run()))
+    # uvloop: the same asyncio, a faster loop (every service is I/O-bound on Redis).
+    raise SystemExit(uvloop.run(service.run()))
 
 
 def _usage(name: str, description: str) -> str:

@@ -43,7 +43,7 @@ def build(service: Service) -> None:
         state["gateway"] = gateway
         config = uvicorn.Config(
             create_app(gateway), host=settings.host, port=settings.port, log_level="warning",
-            lifespan="off", access_log=False, server_header=False,
+            lifespan="off", access_log=False, server_header=False, http="httptools",
         )
         http = server["http"] = _Server(config)
         task = asyncio.create_task(http.serve(), name="gateway-http")

@@ -237,6 +237,97 @@ class Observe:
             HTTP_SECONDS.labels(method, template).observe(time.perf_counter() - started)
 
 
+class LeanOrders:
+    """``POST /v1/orders`` straight from ASGI: the busiest route skips FastAPI's routing,
+    dependency solving and request objects (about half the CPU of an accepted order); every
+    other request goes on to the app. Same answers, metrics and server span as ``Observe``."""
+
+    ROUTE = "/v1/orders"
+
+    def __init__(
+        self, app: ASGIApp, *,
+        place: Callable[[str | None, Callable[[], Awaitable[bytes]], str | None], Awaitable[Response]],
+        max_body: int,
+    ) -> None:
+        self.app = app
+        self.place = place
+        self.max_body = max_body
+        self._seconds = HTTP_SECONDS.labels("POST", self.ROUTE)
+        self._counts: dict[int, Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.ROUTE or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        authorization: str | None = None
+        declared: bytes | None = None
+        carrier: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value
+            elif name in (b"traceparent", b"tracestate"):
+                carrier[name.decode()] = value.decode("latin-1")
+        query = scope["query_string"]
+        wait = _query_value(query, "wait") if query else None
+        limit = self.max_body
+
+        async def read() -> bytes:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise Problem(413, "payload_too_large", f"the body is over {limit} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Problem(400, "client_disconnected", "the client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise Problem(413, "payload_too_large", f"the body is over {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+        span_cm: Any = contextlib.nullcontext()
+        if tracing.enabled:
+            span_cm = tracing.tracer.start_as_current_span(
+                f"POST {self.ROUTE}", context=_propagator.extract(carrier), kind=SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "url.path": self.ROUTE, "http.route": self.ROUTE},
+            )
+        with span_cm as span:
+            try:
+                response = await self.place(authorization, read, wait)
+            except Problem as exc:
+                response = from_problem(exc)
+            except Exception:
+                log.exception("order submission failed")
+                response = problem_response(500, "internal_error", "the order could not be submitted")
+            status = response.status_code
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+        counter = self._counts.get(status)
+        if counter is None:
+            counter = self._counts[status] = HTTP_REQUESTS.labels("POST", self.ROUTE, str(status))
+        counter.inc()
+        self._seconds.observe(time.perf_counter() - started)
+
+
+def _query_value(query: bytes, name: str) -> str | None:
+    from urllib.parse import parse_qsl
+
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
 def _finish_span(span: Any, scope: Scope, method: str, status: int) -> None:
     template = getattr(scope.get("route"), "path", None)
     if template:
@@ -322,6 +413,9 @@ def create_app(gw: Gateway) -> FastAPI:
         "`Authorization: Bearer <api key>`.",
         docs_url=None,
         redoc_url=None,
+        # Spans and RED metrics are ours (``Observe``, ``LeanOrders``); FastAPI's own would
+        # double them and cost a provider lookup per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     _install_openapi(app)
 
@@ -372,12 +466,23 @@ def create_app(gw: Gateway) -> FastAPI:
         },
     )
     async def submit_order(request: Request) -> Response:
-        caller = await gw.api_keys.authenticate(request.headers.get("authorization"))
+        # Served by ``LeanOrders`` in front of the app; this route documents it in OpenAPI and
+        # answers when the app is mounted without that middleware.
+        return await place_order(
+            request.headers.get("authorization"),
+            lambda: read_body(request, settings.max_body_bytes),
+            request.query_params.get("wait") if request.scope["query_string"] else None,
+        )
+
+    async def place_order(
+        authorization: str | None, read: Callable[[], Awaitable[bytes]], wait_param: str | None
+    ) -> Response:
+        caller = await gw.api_keys.authenticate(authorization)
         caller.require(KeyScope.TRADE)
-        body = decode_body(await read_body(request, settings.max_body_bytes), OrderBody)
+        body = decode_body(await read(), OrderBody)
         quantity, price = OrderDesk.validate(body)
         caller.require(KeyScope.TRADE, body.portfolio_id)
-        wait = parse_wait(request.query_params.get("wait")) if request.scope["query_string"] else None
+        wait = parse_wait(wait_param) if wait_param is not None else None
         if gw.overloaded:
             raise Problem(
                 429, "backpressure", "the order pipeline is behind; retry later",
@@ -582,6 +687,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Observe)
+    app.add_middleware(LeanOrders, place=place_order, max_body=settings.max_body_bytes)
     return app
 
 

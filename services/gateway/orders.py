@@ -21,6 +21,7 @@ from services.core.events import (
     OrderType,
     utcnow,
 )
+from services.core.redisconn import ScriptBatcher
 from services.core.hotstate import OrderRecord, StateKeys, dump, load, new_order_id, shard_of_order_id
 from services.gateway.models import FillView, OrderBody, OrderView, positive_decimal
 from services.gateway.problems import Problem
@@ -68,7 +69,8 @@ class OrderDesk:
         self.state = StateKeys(bus.keys)
         self.index_max = index_max
         self.coid_ttl_s = coid_ttl_s
-        self._submit: Callable[..., Awaitable[Any]] = bus.redis.register_script(_SUBMIT_LUA)
+        # Concurrent submissions share round trips (one pipeline per batch).
+        self._submit = ScriptBatcher(bus.redis, _SUBMIT_LUA)
 
     @staticmethod
     def validate(body: OrderBody) -> tuple[Decimal, Decimal | None]:
@@ -108,12 +110,12 @@ class OrderDesk:
         )
         state = keys.state
         reply = await self._submit(
-            keys=[
+            [
                 state(shard, "portfolio", p), state(shard, "coid", p, body.client_order_id),
                 state(shard, "order", order_id), state(shard, "orders", p),
                 keys.stream(shard, EventType.ORDER_REQUESTED),
             ],
-            args=[
+            [
                 order_id, dump(record), int(now.timestamp() * 1000), encode(with_trace(event)), self.index_max,
                 self.coid_ttl_s, state(shard, "order", ""),
             ],

@@ -92,8 +92,11 @@ async def delete_namespace(client: AnyRedis, namespace: str) -> None:
     for node in nodes:
         kwargs = {"target_nodes": node} if node is not None else {}
         keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000, **kwargs)]
-        for key in keys:
-            await client.unlink(key)
+        for i in range(0, len(keys), 500):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[i : i + 500]:
+                pipe.unlink(key)
+            await pipe.execute()
 
 
 def order(i: int, portfolio: str | None = None, **extra: Any) -> Event[Any]:
