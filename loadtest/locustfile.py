@@ -11,6 +11,9 @@ Settings (environment; ``.zvt/local.env`` fills in what the environment does not
                           the simulated users trade with that key, as a real client would.
 ``LOCUST_PORTFOLIOS``     how many portfolios the users spread over (default 8)
 ``LOCUST_PORTFOLIO_PREFIX`` their ids' prefix (default ``lt-``); the same prefix reuses them
+``LOCUST_THINK``          think time between a user's requests, ``MIN,MAX`` seconds drawn
+                          uniformly (default ``0.05,0.25``); ``0,0`` makes every user a
+                          closed loop, for saturation runs
 ``LOCUST_WAIT``           seconds: market orders are also sent with ``?wait=<seconds>`` and
                           recorded as ``POST /v1/orders?wait (order-to-fill)``, whose response
                           time is the time from submission to the filled order; unset or 0: off
@@ -83,6 +86,7 @@ def setting(name: str, default: str | None = None) -> str | None:
 
 
 WAIT_S = float(setting("LOCUST_WAIT", "0") or 0)
+THINK = tuple(float(x) for x in (setting("LOCUST_THINK", "0.05,0.25") or "0.05,0.25").split(","))
 PORTFOLIOS = [f"{setting('LOCUST_PORTFOLIO_PREFIX', 'lt-')}{i:03d}" for i in range(int(setting("LOCUST_PORTFOLIOS", "8") or 8))]
 RUN_ID = f"{uuid.uuid4().hex[:8]}{os.getpid():x}"
 _ids = itertools.count()
@@ -103,7 +107,7 @@ def limit_price(symbol: str, side: str, through: Decimal) -> str:
 class TraderUser(FastHttpUser):
     """One API client trading on one of the load portfolios."""
 
-    wait_time = between(0.05, 0.25)
+    wait_time = between(THINK[0], THINK[-1])
     _user_ids = itertools.count()
 
     def on_start(self) -> None:

@@ -1,7 +1,8 @@
 """Run the locust suite headless: a master and N worker processes, reports in .zvt/loadtest/.
 
     python loadtest/run_locust.py [--host URL] [--users 50] [--spawn-rate 10] [--run-time 30s]
-                                  [--processes 2] [--wait SECONDS] [--api-key KEY] [--out DIR]
+                                  [--processes 2] [--wait SECONDS] [--think MIN,MAX] [--api-key KEY]
+                                  [--out DIR] [--start-fleet]
 
 ``--host`` defaults to ``ZVT_GATEWAY_URL`` (environment, then ``.zvt/local.env``), the admin
 key to ``ZVT_API_KEY`` likewise. ``--processes N`` starts a locust master and N workers
@@ -21,6 +22,7 @@ import argparse
 import csv
 import datetime as dt
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -48,6 +50,20 @@ def read_local_env(path: Path = ROOT / ".zvt" / "local.env") -> dict[str, str]:
         key, _, value = line.removeprefix("export ").partition("=")
         words = shlex.split(value, comments=True)  # devstack writes shlex-quoted values
         out[key.strip()] = words[0] if words else ""
+    return out
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """user + system CPU seconds of each process (psutil), skipping those gone."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for label, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[label] = t.user + t.system
     return out
 
 
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=2, help="worker processes under one master; 0 = one standalone process")
     ap.add_argument("--wait", type=float, default=None, help="LOCUST_WAIT: market orders with ?wait=<seconds>")
     ap.add_argument("--portfolios", type=int, default=None, help="LOCUST_PORTFOLIOS")
+    ap.add_argument("--think", default=None, metavar="MIN,MAX", help="LOCUST_THINK: seconds between a user's requests")
     ap.add_argument("--out", default=None, help="report folder (default .zvt/loadtest/<UTC timestamp>/)")
     ap.add_argument("--locustfile", default=str(LOCUSTFILE))
     ap.add_argument("--start-fleet", action="store_true",
@@ -123,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         with http_fleet() as fleet:
             print(f"fleet: gateway {fleet.url}, namespace {fleet.namespace}, logs {fleet.log_dir}", flush=True)
             args.host, args.api_key = fleet.url, fleet.admin_key
-            return run(args, local)
+            pids = {p.label: p.popen.pid for procs in fleet.fleet.procs.values() for p in procs}
+            before, t0 = cpu_seconds(pids), time.monotonic()
+            rc = run(args, local)
+            after, elapsed = cpu_seconds(pids), time.monotonic() - t0
+            print("fleet CPU over the run (s, % of a core; includes start-up of locust, not of the fleet): "
+                  + ", ".join(f"{k} {after[k] - before[k]:.1f} ({100 * (after[k] - before[k]) / elapsed:.0f}%)"
+                              for k in pids if k in before and k in after))
+            return rc
     if not args.host:
         ap.error("no --host and no ZVT_GATEWAY_URL in the environment or .zvt/local.env")
     return run(args, local)
@@ -144,11 +168,14 @@ def run(args: argparse.Namespace, local: dict[str, str]) -> int:
         env["LOCUST_WAIT"] = f"{args.wait:g}"
     if args.portfolios is not None:
         env["LOCUST_PORTFOLIOS"] = str(args.portfolios)
+    if args.think is not None:
+        env["LOCUST_THINK"] = args.think
 
     locust = [sys.executable, "-m", "locust", "-f", args.locustfile]
     common = ["--headless", "--host", args.host, "--only-summary", "--loglevel", "WARNING"]
     run_opts = ["--users", str(args.users), "--spawn-rate", f"{args.spawn_rate:g}", "--run-time", args.run_time,
                 "--csv", str(prefix), "--html", str(out / "report.html"), "--stop-timeout", "5"]
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = (out / "locust.log").open("wb")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -191,6 +218,8 @@ def run(args: argparse.Namespace, local: dict[str, str]) -> int:
                 proc.wait()
         log.close()
 
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    locust_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     try:
         summary = summarize(prefix)
     except OSError as exc:
@@ -208,6 +237,8 @@ def run(args: argparse.Namespace, local: dict[str, str]) -> int:
     if rc != 0 and not summary["failures"]:
         print((out / "locust.log").read_text(errors="replace")[-4000:], file=sys.stderr)
     ok = rc == 0 and agg["failures"] == 0 and agg["requests"] > 0
+    print(f"locust's own processes: {locust_cpu:.1f} s CPU ({100 * locust_cpu / max(elapsed, 1e-9):.0f}% of a core "
+          f"over {elapsed:.0f} s, start-up included)")
     print(f"reports: {out}")
     print(f"run_locust: {'ok' if ok else 'FAILED'}: {agg['requests']} requests, {agg['failures']} failures, "
           f"{agg['rps']:.1f} req/s, p50 {_f(agg['p50_ms'])} ms, p99 {_f(agg['p99_ms'])} ms "
