@@ -362,6 +362,21 @@ def _wrapper(folder: Path) -> str:
     return str(script)
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it (other files in
+    flight change what runs)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": dirty}
+
+
 def machine() -> dict[str, Any]:
     model = platform.processor() or ""
     with contextlib.suppress(OSError):
@@ -540,6 +555,7 @@ async def run(args: argparse.Namespace, target: RedisTarget, namespace: str, wor
             "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": " ".join(shlex.quote(a) for a in sys.argv),
             "machine": machine(),
+            "git": git_state(),
             "redis": target.description,
             "redis_version": str(target.node(*target.masters[0]).info("server")["redis_version"]),
             "params": {"seconds": args.seconds, "warmup": args.warmup, "rate": args.rate, "tick_ms": args.tick_ms,
@@ -641,8 +657,9 @@ def report(r: dict[str, Any]) -> None:
     print(f"bench_pipeline: risk -> order -> routing -> portfolio on {r['redis']}, redis {r['redis_version']}")
     print(f"  {p['shards']} shards, {p['portfolios']} portfolios, {mode}; window {r['window_s']:.1f} s after {p['warmup']} s warm-up"
           + ("  ** PROFILED: times inflated **" if p["profiled"] else ""))
-    m = r["machine"]
-    print(f"  machine: {m['nproc']} CPUs ({m['cpu_model']}), load at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
+    m, g = r["machine"], r["git"]
+    print(f"  machine: {m['nproc']} CPUs ({m['cpu_model']}), load at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}; "
+          f"commit {g['commit']}" + (f" + modified {', '.join(g['modified'])}" if g["modified"] else ""))
     print("-" * 86)
     print(f"throughput   {r['orders_per_s']:>10,.0f} orders/s completed ({r['orders']:,} in the window; injected {r['injected_per_s']:,.0f}/s)")
     print(f"latency      p50 {fmt(r['p50_ms'], '.2f')} ms, p90 {fmt(r['p90_ms'], '.2f')} ms, p99 {fmt(r['p99_ms'], '.2f')} ms, "
