@@ -192,7 +192,7 @@ def run(args: argparse.Namespace, local: dict[str, str]) -> int:
             procs.append(master)
             for _ in range(args.processes):
                 procs.append(subprocess.Popen(
-                    [*locust, "-f", args.locustfile, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port),
+                    [*locust, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port),
                      "--loglevel", "WARNING"],
                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 ))
