@@ -408,7 +408,10 @@ async def run(args: argparse.Namespace, target: RedisTarget, namespace: str, wor
     env = {k: v for k, v in env.items() if v != ""}
     if args.profile:
         env["ZVT_BENCH_PROFILE_DIR"] = str(Path(args.profile).resolve())
-    fleet = Fleet(env, log_dir=work / "logs", python=_wrapper(work) if args.profile else sys.executable, start_timeout=60)
+    if args.loop == "asyncio":
+        env["ZVT_BENCH_LOOP"] = "asyncio"
+    wrapped = bool(args.profile) or args.loop == "asyncio"
+    fleet = Fleet(env, log_dir=work / "logs", python=_wrapper(work) if wrapped else sys.executable, start_timeout=60)
     ctx = mp.get_context("spawn")
     seen = ctx.Value("q", 0, lock=False)
     stop_reader = ctx.Event()
@@ -560,7 +563,8 @@ async def run(args: argparse.Namespace, target: RedisTarget, namespace: str, wor
             "redis_version": str(target.node(*target.masters[0]).info("server")["redis_version"]),
             "params": {"seconds": args.seconds, "warmup": args.warmup, "rate": args.rate, "tick_ms": args.tick_ms,
                        "inflight": args.inflight if args.rate == 0 else None, "shards": args.shards,
-                       "portfolios": args.portfolios, "cluster": target.cluster, "profiled": bool(args.profile)},
+                       "portfolios": args.portfolios, "cluster": target.cluster, "profiled": bool(args.profile),
+                       "loop": args.loop},
             "window_s": round(elapsed, 3),
             "injected_in_window": sent1 - sent0,
             "injected_per_s": round((sent1 - sent0) / elapsed, 1),
@@ -656,6 +660,7 @@ def report(r: dict[str, Any]) -> None:
     mode = f"paced at {p['rate']:,}/s in {p['tick_ms']} ms ticks" if p["rate"] else f"max rate (closed loop, <= {p['inflight']} in flight)"
     print(f"bench_pipeline: risk -> order -> routing -> portfolio on {r['redis']}, redis {r['redis_version']}")
     print(f"  {p['shards']} shards, {p['portfolios']} portfolios, {mode}; window {r['window_s']:.1f} s after {p['warmup']} s warm-up"
+          + (", services on the stdlib asyncio loop" if p.get("loop") == "asyncio" else "")
           + ("  ** PROFILED: times inflated **" if p["profiled"] else ""))
     m, g = r["machine"], r["git"]
     print(f"  machine: {m['nproc']} CPUs ({m['cpu_model']}), load at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}; "
@@ -711,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain", type=float, default=20.0, help="seconds to wait for the last orders after the window")
     ap.add_argument("--json", default=None, help="write the results here (folders are created)")
     ap.add_argument("--profile", default=None, metavar="DIR", help="cProfile each service over the window into DIR")
+    ap.add_argument("--loop", choices=("default", "asyncio"), default="default",
+                    help="asyncio: run the services on the stdlib event loop instead of the runtime's uvloop (A/B)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (printed path)")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.rate < 0 or args.portfolios < 1 or args.shards < 1:

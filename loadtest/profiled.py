@@ -8,6 +8,9 @@ SIGUSR1 turns it on, SIGUSR2 turns it off and dumps the stats to
 ``$ZVT_BENCH_PROFILE_DIR/<ZVT_SERVICE>-<pid>.pstats`` (so start-up and shutdown are not in
 the profile). The service's event loop runs in the main thread, which is where the signal
 handlers run, so the profiler sees the loop.
+
+``ZVT_BENCH_LOOP=asyncio`` makes ``uvloop.run`` the stdlib's ``asyncio.run`` for the process
+(``bench_pipeline.py --loop asyncio``), to compare the two event loops on the same code.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def main() -> None:
     sys.path.insert(0, os.getcwd())
     signal.signal(signal.SIGUSR1, _on)
     signal.signal(signal.SIGUSR2, _off)
+    if os.environ.get("ZVT_BENCH_LOOP") == "asyncio":  # A/B: the stdlib loop instead of uvloop
+        import asyncio
+
+        import uvloop
+
+        uvloop.run = asyncio.run  # type: ignore[assignment]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
