@@ -137,7 +137,7 @@ class ScriptBatcher:
         pipe: Any = self.redis.pipeline(transaction=False)
         sha = self.script.sha
         for keys, args, _ in batch:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         replies: list[Any] = list(await pipe.execute(raise_on_error=False))
         for i, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):  # a restarted or failed-over Redis: load it again

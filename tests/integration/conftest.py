@@ -95,7 +95,7 @@ async def delete_namespace(client: AnyRedis, namespace: str) -> None:
         for i in range(0, len(keys), 500):
             pipe = client.pipeline(transaction=False)
             for key in keys[i : i + 500]:
-                pipe.unlink(key)
+                pipe.execute_command("UNLINK", key)
             await pipe.execute()
 
 
