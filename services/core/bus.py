@@ -543,6 +543,15 @@ class Consumer:
         }
         # exclusive consumers: shard -> (stop signal, read loop) of the shards leased now
         self._owned: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        # On a single Redis an exclusive consumer reads all its shards in one loop (one
+        # XREADGROUP, one commit per read), as plain members do: batches stay large when
+        # traffic is spread thin over many shards. ``_iteration`` is held for one read and its
+        # commit, so a shard taken out of ``_reading`` is done once the lock is free.
+        self._merged = exclusive and not bus.cluster
+        self._reading: set[int] = set()
+        self._iteration = asyncio.Lock()
+        self._merged_task: asyncio.Task[None] | None = None
+        self._shard_locks: dict[int, asyncio.Lock] = {}
         self.healthy = False
         self.processed = 0
 
@@ -552,6 +561,9 @@ class Consumer:
         await self.bus.ensure_group(self.group, self.handlers)
         if self.exclusive:
             self._tasks = [asyncio.create_task(self._lease_loop(), name=f"leases-{self.group}")]
+            if self._merged:
+                self._merged_task = asyncio.create_task(self._merged_loop(), name=f"read-{self.group}")
+                self._tasks.append(self._merged_task)
         else:
             self._tasks = [
                 asyncio.create_task(self._read_loop(unit), name=f"read-{self.group}-{i}")
@@ -606,7 +618,6 @@ class Consumer:
 
     async def _read_loop(self, keys: list[str], halt: asyncio.Event | None = None) -> None:
         streams = self._streams
-        redis = self.bus.redis
         # COUNT is per stream: split the batch over the streams read together, so one commit
         # script never holds Redis for much more than ``batch_size`` entries.
         count = max(1, -(-self._settings.batch_size // len(keys)))
@@ -615,18 +626,11 @@ class Consumer:
             "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
         )
         backoff = 0.05
+        guard: Any = self._guard(streams[keys[0]][0]) if self.exclusive else contextlib.nullcontext()
         while not self._stopping.is_set() and not (halt is not None and halt.is_set()):
             try:
-                reply = await redis.execute_command(*command, keys=keys)
-                if reply:
-                    entries = []
-                    # a map under RESP3, a list of [key, entries] pairs under RESP2
-                    for key, items in reply.items() if isinstance(reply, dict) else reply:
-                        shard, event_type = streams[_s(key)]
-                        stream = _s(key)
-                        for eid, fields in items:
-                            entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
-                    await self._process(entries)
+                async with guard:
+                    await self._read_once(command, keys)
                 backoff = 0.05
             except LeaseLost as exc:
                 log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
@@ -640,6 +644,64 @@ class Consumer:
             except Exception:
                 log.exception("unexpected error in read loop", group=self.group)
                 await self._sleep(1.0)
+
+    async def _read_once(self, command: tuple[Any, ...], keys: list[str]) -> None:
+        """One XREADGROUP and the processing of what it returned."""
+        reply = await self.bus.redis.execute_command(*command, keys=keys)
+        if not reply:
+            return
+        streams = self._streams
+        entries = []
+        # a map under RESP3, a list of [key, entries] pairs under RESP2
+        for key, items in reply.items() if isinstance(reply, dict) else reply:
+            stream = _s(key)
+            shard, event_type = streams[stream]
+            for eid, fields in items:
+                entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
+        await self._process(entries)
+
+    def _guard(self, shard: int) -> asyncio.Lock:
+        """What an exclusive consumer holds while it handles a batch of ``shard``."""
+        if self._merged:
+            return self._iteration
+        lock = self._shard_locks.get(shard)
+        if lock is None:
+            lock = self._shard_locks[shard] = asyncio.Lock()
+        return lock
+
+    async def _merged_loop(self) -> None:
+        """Exclusive consumer on a single Redis: read every shard leased now, together."""
+        streams = self._streams
+        block = self._settings.block_ms
+        backoff = 0.05
+        while not self._stopping.is_set():
+            if not self._reading:
+                await self._sleep(0.05)
+                continue
+            async with self._iteration:
+                keys = [k for k, (s, _) in streams.items() if s in self._reading]
+                if not keys:
+                    continue
+                count = max(1, -(-self._settings.batch_size // len(keys)))
+                command = (
+                    "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", block,
+                    "STREAMS", *keys, *(">" for _ in keys),
+                )
+                try:
+                    await self._read_once(command, keys)
+                    backoff = 0.05
+                except LeaseLost as exc:
+                    log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
+                    for shard in exc.shards:
+                        self._reading.discard(shard)
+                        self._owned.pop(shard, None)  # not ours to give back
+                except RedisError as exc:
+                    log.warning("read failed, retrying", group=self.group, error=str(exc))
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                except Exception:
+                    log.exception("unexpected error in read loop", group=self.group)
+                    await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -852,7 +914,12 @@ class Consumer:
         for stream, (shard, event_type) in self._streams.items():
             if self._stopping.is_set():
                 break
-            if self.exclusive and shard not in self._owned:
+            if self.exclusive:
+                if shard not in self._owned:
+                    continue
+                # one batch of a shard at a time: a stage reads the state its last batch wrote
+                async with self._guard(shard):
+                    total += await self._reclaim_stream(shard, stream, event_type)
                 continue
             total += await self._reclaim_stream(shard, stream, event_type)
         return total
@@ -963,8 +1030,12 @@ class Consumer:
         streams = [k for k, (s, _) in self._streams.items() if s == shard]
         await self._take_over(shard, streams)
         halt = asyncio.Event()
-        task = asyncio.create_task(self._read_loop(streams, halt), name=f"read-{self.group}-{shard}")
-        self._owned[shard] = (halt, task)
+        if self._merged_task is not None:
+            self._owned[shard] = (halt, self._merged_task)
+            self._reading.add(shard)
+        else:
+            task = asyncio.create_task(self._read_loop(streams, halt), name=f"read-{self.group}-{shard}")
+            self._owned[shard] = (halt, task)
         log.info("shard leased", group=self.group, consumer=self.name, shard=shard)
 
     async def _take_over(self, shard: int, streams: list[str]) -> None:
@@ -993,9 +1064,14 @@ class Consumer:
         if owned is None:
             return
         halt, task = owned
-        halt.set()
-        with contextlib.suppress(Exception):
-            await task
+        if task is self._merged_task:
+            self._reading.discard(shard)
+            async with self._iteration:  # the read in hand, if any, is committed
+                pass
+        else:
+            halt.set()
+            with contextlib.suppress(Exception):
+                await task
         if release:
             with contextlib.suppress(RedisError):
                 await self.bus._renew(keys=[self._keys.lease(shard, self.group)], args=[self.name, 0])

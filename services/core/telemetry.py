@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -166,15 +166,32 @@ def current_trace_context() -> tuple[str | None, str | None]:
     return carrier.get("traceparent"), carrier.get("tracestate")
 
 
-@contextmanager
-def consumer_span(event: Event[Any], group: str) -> Iterator[None]:
+def consumer_span(event: Event[Any], group: str) -> AbstractContextManager[None]:
     """Continue the event's trace around its handler: a CONSUMER span whose parent is the
-    producer's span, so one order's trace runs through every stage."""
+    producer's span, so one order's trace runs through every stage. Without tracing it only
+    names the event for the logs (a plain object: this runs once per event)."""
+    if not tracing.enabled:
+        return _EventContext(event)
+    return _traced(event, group)
+
+
+class _EventContext:
+    __slots__ = ("event", "token")
+
+    def __init__(self, event: Event[Any]) -> None:
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.token = current_event.set(self.event)
+
+    def __exit__(self, *_: object) -> None:
+        current_event.reset(self.token)
+
+
+@contextmanager
+def _traced(event: Event[Any], group: str) -> Iterator[None]:
     token = current_event.set(event)
     try:
-        if not tracing.enabled:
-            yield
-            return
         carrier = {"traceparent": event.traceparent} if event.traceparent else {}
         if event.tracestate:
             carrier["tracestate"] = event.tracestate

@@ -13,7 +13,6 @@ cancel, a late routing acknowledgement) is logged and dropped, never applied twi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -95,74 +94,78 @@ class OrderStage:
         """The record after ``event``; emits what the order does next."""
         p = event.payload
         at = self.clock()
+        status = record.status
+        # Status moves straight on the record, checked against the state machine's one table
+        # (a rejected request may not even make a valid ``Order``: risk is where a negative
+        # price is caught). Fills go through ``Order.apply_fill`` for the arithmetic.
         if isinstance(p, OrderRejected):
-            # Straight on the record: a rejected request may not even make a valid order
-            # (risk is where a negative price is caught).
-            if (record.status, S.REJECTED) not in TRANSITIONS:
+            if (status, S.REJECTED) not in TRANSITIONS:
                 return self._stale(event, record)
             return msgspec.structs.replace(
                 record, status=S.REJECTED, reject_code=p.reason_code, reject_reason=p.reason, updated_at=at
             )
-        order = record.to_order()
-        try:
-            if isinstance(p, OrderValidated):
-                if record.status is not S.REQUESTED:
-                    return self._stale(event, record)
-                order = order.transition(S.VALIDATED, at=at).transition(S.CREATED, at=at)
-                commit.emit(
-                    event.derive(
-                        OrderCreated(
-                            order_id=p.order_id,
-                            client_order_id=p.client_order_id,
-                            symbol=p.symbol,
-                            side=p.side,
-                            order_type=p.order_type,
-                            quantity=p.quantity,
-                            price=p.price,
-                            time_in_force=p.time_in_force,
-                            venue=p.venue,
-                        ),
-                        STAGE,
-                    )
+        if isinstance(p, OrderValidated):
+            if status is not S.REQUESTED:
+                return self._stale(event, record)
+            assert (S.REQUESTED, S.VALIDATED) in TRANSITIONS and (S.VALIDATED, S.CREATED) in TRANSITIONS
+            commit.emit(
+                event.derive(
+                    OrderCreated(
+                        order_id=p.order_id,
+                        client_order_id=p.client_order_id,
+                        symbol=p.symbol,
+                        side=p.side,
+                        order_type=p.order_type,
+                        quantity=p.quantity,
+                        price=p.price,
+                        time_in_force=p.time_in_force,
+                        venue=p.venue,
+                    ),
+                    STAGE,
                 )
-                return record.with_order(order)
-            if isinstance(p, ExchangeRouted):
-                if not order.can_transition(S.ROUTED):
-                    return self._stale(event, record)  # the fills got here first
-                return record.with_order(order.transition(S.ROUTED, at=at, venue=p.venue))
-            if isinstance(p, OrderExecuted):
-                if p.fill_id in order.fill_ids:
-                    return self._stale(event, record)
+            )
+            return msgspec.structs.replace(record, status=S.CREATED, updated_at=at)
+        if isinstance(p, ExchangeRouted):
+            if (status, S.ROUTED) not in TRANSITIONS:
+                return self._stale(event, record)  # the fills got here first
+            return msgspec.structs.replace(record, status=S.ROUTED, venue=p.venue, updated_at=at)
+        if isinstance(p, OrderFailed):
+            if (status, S.FAILED) not in TRANSITIONS:
+                return self._stale(event, record)
+            return msgspec.structs.replace(
+                record, status=S.FAILED, reject_code=p.reason_code, reject_reason=p.reason, updated_at=at
+            )
+        if isinstance(p, OrderCanceled):
+            target = S.EXPIRED if p.reason == EXPIRED_REASON else S.CANCELED
+            if target is S.EXPIRED and status is S.CREATED:
+                # the routing acknowledgement is still on its way: the venue had the order
+                status = S.ROUTED
+            if (status, target) not in TRANSITIONS:
+                return self._stale(event, record)
+            return msgspec.structs.replace(record, status=target, reject_reason=p.reason, updated_at=at)
+        if isinstance(p, OrderExecuted):
+            if any(f.fill_id == p.fill_id for f in record.fills):
+                return self._stale(event, record)
+            order = record.to_order()
+            try:
                 filled = order.apply_fill(p.fill_id, p.quantity, p.price, p.commission, at)
-                if order.venue is None:
-                    filled = dataclasses.replace(filled, venue=p.venue)
-                fill = Fill(
-                    fill_id=p.fill_id,
-                    quantity=p.quantity,
-                    price=p.price,
-                    commission=p.commission,
-                    commission_asset=p.commission_asset,
-                    liquidity=str(p.liquidity),
-                    venue=p.venue,
-                    at=event.occurred_at,
-                )
-                return record.with_order(filled, fills=(*record.fills, fill), commission_asset=p.commission_asset)
-            if isinstance(p, OrderFailed):
-                if not order.can_transition(S.FAILED):
-                    return self._stale(event, record)
-                return record.with_order(order.fail(p.reason, at=at), reject_code=p.reason_code)
-            if isinstance(p, OrderCanceled):
-                target = S.EXPIRED if p.reason == EXPIRED_REASON else S.CANCELED
-                if target is S.EXPIRED and order.status is S.CREATED:
-                    # the routing acknowledgement is still on its way: the venue had the order
-                    order = order.transition(S.ROUTED, at=at)
-                if not order.can_transition(target):
-                    return self._stale(event, record)
-                return record.with_order(order.transition(target, at=at), reject_reason=p.reason)
-        except InvalidTransition as exc:
-            # A fill on a finished order: the venue and the platform disagree. Keep the event
-            # (dead-lettered, with the reason) for an operator and reconciliation.
-            raise PermanentError(str(exc)) from exc
+            except InvalidTransition as exc:
+                # A fill on a finished order: the venue and the platform disagree. Keep the
+                # event (dead-lettered, with the reason) for an operator and reconciliation.
+                raise PermanentError(str(exc)) from exc
+            fill = Fill(
+                fill_id=p.fill_id,
+                quantity=p.quantity,
+                price=p.price,
+                commission=p.commission,
+                commission_asset=p.commission_asset,
+                liquidity=str(p.liquidity),
+                venue=p.venue,
+                at=event.occurred_at,
+            )
+            return record.with_order(
+                filled, fills=(*record.fills, fill), commission_asset=p.commission_asset, venue=record.venue or p.venue
+            )
         raise PermanentError(f"order stage does not handle {event.event_type}")
 
     def _stale(self, event: Event[Any], record: OrderRecord) -> OrderRecord:

@@ -26,7 +26,16 @@ from services.core.events import (
     TradingState,
     utcnow,
 )
-from services.core.hotstate import PortfolioRecord, PositionRecord, StateKeys, decode_balances, dump, load
+from services.core.hotstate import (
+    PortfolioRecord,
+    PositionRecord,
+    StateKeys,
+    StateReader,
+    decode_balances,
+    dump,
+    load,
+    pairs,
+)
 from services.core.telemetry import consumer_span
 from services.trading.money import ZERO, money_context
 
@@ -69,27 +78,24 @@ def apply_fill_to_balances(balances: dict[str, Decimal], fill: OrderExecuted) ->
 class PortfolioStage:
     def __init__(self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.redis = redis
+        self.reader = StateReader(redis)
         self.sk = state_keys
         self.clock = clock
 
     async def load(self, portfolio_ids: set[str]) -> dict[str, _State]:
         pids = sorted(portfolio_ids)
-        pipe = self.redis.pipeline(transaction=False)
+        ops: list[tuple[str, ...]] = []
         for pid in pids:
-            pipe.get(self.sk.portfolio(pid))
-            pipe.hgetall(self.sk.balances(pid))
-            pipe.hgetall(self.sk.positions(pid))
-        replies = await pipe.execute()
+            ops += [("GET", self.sk.portfolio(pid)), ("HGETALL", self.sk.balances(pid)), ("HGETALL", self.sk.positions(pid))]
+        replies = await self.reader.read(ops)
         out: dict[str, _State] = {}
         for i, pid in enumerate(pids):
             pf, balances, positions = replies[3 * i : 3 * i + 3]
             record = load(PortfolioRecord, pf) if pf else None
             out[pid] = _State(
                 trading_state=record.trading_state if record else TradingState.ACTIVE,
-                balances=decode_balances(balances),
-                positions={
-                    (k.decode() if isinstance(k, bytes) else k): load(PositionRecord, v) for k, v in positions.items()
-                },
+                balances=decode_balances(pairs(balances)),
+                positions={k: load(PositionRecord, v) for k, v in pairs(positions).items()},
             )
         return out
 

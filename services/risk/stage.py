@@ -41,9 +41,11 @@ from services.core.hotstate import (
     Reservation,
     RiskRecord,
     StateKeys,
+    StateReader,
     decode_balances,
     dump,
     load,
+    pairs,
 )
 from services.core.marks import Marks
 from services.core.telemetry import consumer_span
@@ -68,20 +70,14 @@ class PortfolioState:
     portfolio: PortfolioRecord | None
     balances: dict[str, Decimal]
     positions: dict[str, Decimal]
-    risk: RiskRecord
-    dirty: bool = False
+    recent: list[int] = field(default_factory=list)
     reserved: dict[str, Decimal] = field(default_factory=dict)
+    open: dict[str, Reservation | None] = field(default_factory=dict)
+    """The reservations of the orders this batch names (``None``: none, or released)."""
+    dirty: bool = False
 
-    def __post_init__(self) -> None:
-        self.reserved = _reserved(self.risk)
-
-
-def _reserved(record: RiskRecord) -> dict[str, Decimal]:
-    out: dict[str, Decimal] = {}
-    with money_context():
-        for r in record.open.values():
-            out[r.asset] = out.get(r.asset, ZERO) + r.amount
-    return out
+    def record(self) -> RiskRecord:
+        return RiskRecord(recent=tuple(self.recent), reserved={a: v for a, v in self.reserved.items() if v})
 
 
 class RiskStage:
@@ -89,37 +85,41 @@ class RiskStage:
         self, redis: Any, state_keys: StateKeys, marks: Marks, *, clock: Callable[[], dt.datetime] = utcnow
     ) -> None:
         self.redis = redis
+        self.reader = StateReader(redis)
         self.sk = state_keys
         self.marks = marks
         self.clock = clock
 
-    async def load(self, portfolio_ids: set[str]) -> dict[str, PortfolioState]:
+    async def load(self, items: list[tuple[Event[Any], Commit]]) -> dict[str, PortfolioState]:
+        """The state of every portfolio in the batch, and the reservation of every order it
+        names: one pipelined round trip."""
         sk = self.sk
-        pids = sorted(portfolio_ids)
-        pipe = self.redis.pipeline(transaction=False)
+        pids = sorted({event.portfolio_id for event, _ in items})
+        orders = sorted({(event.portfolio_id, event.payload.order_id) for event, _ in items})
+        ops: list[tuple[str, ...]] = []
         for pid in pids:
-            pipe.get(sk.portfolio(pid))
-            pipe.hgetall(sk.balances(pid))
-            pipe.hgetall(sk.positions(pid))
-            pipe.get(sk.risk(pid))
-        replies = await pipe.execute()
+            ops += [("GET", sk.portfolio(pid)), ("HGETALL", sk.balances(pid)), ("HGETALL", sk.positions(pid)),
+                    ("GET", sk.risk(pid))]
+        ops += [("HGET", sk.reservations(pid), oid) for pid, oid in orders]
+        replies = await self.reader.read(ops)
         states: dict[str, PortfolioState] = {}
         for i, pid in enumerate(pids):
             pf, balances, positions, risk = replies[4 * i : 4 * i + 4]
+            record = load(RiskRecord, risk) if risk else RiskRecord()
             states[pid] = PortfolioState(
                 portfolio=load(PortfolioRecord, pf) if pf else None,
-                balances=decode_balances(balances),
-                positions={
-                    (k.decode() if isinstance(k, bytes) else k): load(PositionRecord, v).quantity
-                    for k, v in positions.items()
-                },
-                risk=load(RiskRecord, risk) if risk else RiskRecord(),
+                balances=decode_balances(pairs(balances)),
+                positions={k: load(PositionRecord, v).quantity for k, v in pairs(positions).items()},
+                recent=list(record.recent),
+                reserved=dict(record.reserved),
             )
+        for (pid, oid), raw in zip(orders, replies[4 * len(pids) :], strict=True):
+            states[pid].open[oid] = load(Reservation, raw) if raw else None
         return states
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         """The batch handler: one state load for the batch, then each event in stream order."""
-        states = await self.load({event.portfolio_id for event, _ in items})
+        states = await self.load(items)
         marks = await self.marks.current()
         for event, commit in items:
             with consumer_span(event, GROUP):
@@ -128,12 +128,12 @@ class RiskStage:
                     if event.event_type is EventType.ORDER_REQUESTED:
                         self.assess(event, state, marks, commit)
                     else:
-                        self.release(event, state)
+                        self.release(event, state, commit)
                 except Exception as exc:
                     commit.fail(exc)
                     continue
                 if state.dirty:
-                    commit.write("SET", self.sk.risk(event.portfolio_id), dump(state.risk))
+                    commit.write("SET", self.sk.risk(event.portfolio_id), dump(state.record()))
                     state.dirty = False
 
     def assess(
@@ -142,7 +142,7 @@ class RiskStage:
         """Decide one order request; emit the decision and reserve funds for an approval."""
         request = event.payload
         now = self.clock()
-        if request.order_id in state.risk.open:
+        if state.open.get(request.order_id) is not None:
             return  # decided before (a redelivered request): the decision stands
         portfolio = state.portfolio
         if portfolio is None:
@@ -150,10 +150,14 @@ class RiskStage:
             return
         limits = portfolio.limits.to_limits()
         instrument = INSTRUMENTS.get(request.symbol)
-        window_start_ms = int((now - dt.timedelta(seconds=limits.window_seconds)).timestamp() * 1000)
-        recent = tuple(t for t in state.risk.recent if t > window_start_ms)
+        now_ms = int(now.timestamp() * 1000)
+        window_start_ms = now_ms - limits.window_seconds * 1000
+        if state.recent and state.recent[0] <= window_start_ms:
+            state.recent = [t for t in state.recent if t > window_start_ms]
+            state.dirty = True
+        reserved = state.reserved
         with money_context():
-            available = {a: b - state.reserved.get(a, ZERO) for a, b in state.balances.items()}
+            available = {a: b - reserved.get(a, ZERO) for a, b in state.balances.items()}
         reference = marks.get(request.symbol)
         decision = check_order(
             request,
@@ -163,16 +167,13 @@ class RiskStage:
             balances=available,
             reference_price=reference,
             trading_state=portfolio.trading_state,
-            recent_order_times=[dt.datetime.fromtimestamp(t / 1000, dt.UTC) for t in recent],
+            recent_order_times=len(state.recent),
             now=now,
             fee_rate=TAKER_FEE.get(request.symbol, ZERO),
         )
         if not decision.approved:
             assert decision.reason is not None
             commit.emit(_rejected(event, decision.reason, decision.message))
-            if recent != state.risk.recent:
-                state.risk = RiskRecord(recent=recent, open=state.risk.open)
-                state.dirty = True
             return
         assert instrument is not None and decision.notional is not None
         with money_context():
@@ -182,12 +183,11 @@ class RiskStage:
                 )
             else:
                 reservation = Reservation(instrument.base, request.quantity)
-            state.reserved[reservation.asset] = state.reserved.get(reservation.asset, ZERO) + reservation.amount
-        state.risk = RiskRecord(
-            recent=(*recent, int(now.timestamp() * 1000)),
-            open={**state.risk.open, request.order_id: reservation},
-        )
+            reserved[reservation.asset] = reserved.get(reservation.asset, ZERO) + reservation.amount
+        state.open[request.order_id] = reservation
+        state.recent.append(now_ms)
         state.dirty = True
+        commit.write("HSET", self.sk.reservations(event.portfolio_id), request.order_id, dump(reservation))
         commit.emit(
             event.derive(
                 OrderValidated(
@@ -206,23 +206,20 @@ class RiskStage:
             )
         )
 
-    def release(self, event: Event[Any], state: PortfolioState) -> None:
+    def release(self, event: Event[Any], state: PortfolioState, commit: Commit) -> None:
         """An order finished: give back what it had reserved."""
         payload = event.payload
         if isinstance(payload, OrderExecuted) and payload.leaves_quantity > 0:
             return
         assert isinstance(payload, OrderExecuted | OrderFailed | OrderCanceled)
-        reservation = state.risk.open.get(payload.order_id)
+        reservation = state.open.get(payload.order_id)
         if reservation is None:
             return
         with money_context():
-            left = state.reserved.get(reservation.asset, ZERO) - reservation.amount
-        state.reserved[reservation.asset] = left
-        state.risk = RiskRecord(
-            recent=state.risk.recent,
-            open={k: v for k, v in state.risk.open.items() if k != payload.order_id},
-        )
+            state.reserved[reservation.asset] = state.reserved.get(reservation.asset, ZERO) - reservation.amount
+        state.open[payload.order_id] = None
         state.dirty = True
+        commit.write("HDEL", self.sk.reservations(event.portfolio_id), payload.order_id)
 
 
 def _rejected(event: Event[OrderRequested], reason: RejectReason, message: str) -> Event[Any]:

@@ -40,7 +40,7 @@ from services.core.events import (
     TimeInForce,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, dump, load
+from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateReader, dump, load
 from services.core.marks import Marks
 from services.core.telemetry import consumer_span, get_logger
 from services.trading.money import ZERO, money_context
@@ -79,6 +79,7 @@ class RoutingStage:
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.redis = redis
+        self.reader = StateReader(redis)
         self.sk = state_keys
         self.marks = marks
         self.venues = {v.name: v for v in venues}
@@ -97,19 +98,19 @@ class RoutingStage:
 
     async def load(self, items: list[tuple[Event[Any], Commit]]) -> _Batch:
         batch = _Batch()
-        pipe = self.redis.pipeline(transaction=False)
+        ops: list[tuple[str, ...]] = []
         asked: list[tuple[str, Any]] = []
         for event, _ in items:
             pid, oid = event.portfolio_id, event.payload.order_id
             if event.event_type is EventType.ORDER_CREATED:
-                pipe.exists(self.sk.cancel(pid, oid))
+                ops.append(("EXISTS", self.sk.cancel(pid, oid)))
                 asked.append(("cancel", oid))
             else:
-                pipe.hget(self.sk.resting(pid), oid)
+                ops.append(("HGET", self.sk.resting(pid), oid))
                 asked.append(("resting", (pid, oid)))
-                pipe.get(self.sk.order(pid, oid))
+                ops.append(("GET", self.sk.order(pid, oid)))
                 asked.append(("record", oid))
-        replies = await pipe.execute() if asked else []
+        replies = await self.reader.read(ops)
         for (kind, ref), reply in zip(asked, replies, strict=True):
             if kind == "cancel":
                 batch.cancels[ref] = bool(reply)

@@ -148,7 +148,7 @@ def check_order(
     balances: Mapping[str, Decimal],
     reference_price: Decimal | None,
     trading_state: TradingState,
-    recent_order_times: Iterable[dt.datetime],
+    recent_order_times: Iterable[dt.datetime] | int,
     now: dt.datetime,
     fee_rate: Decimal = ZERO,
 ) -> RiskDecision:
@@ -156,7 +156,8 @@ def check_order(
 
     ``position_quantity`` is the signed position in the symbol; ``balances`` the available
     (free) balance per asset; ``recent_order_times`` when this portfolio's earlier accepted
-    orders were checked; ``fee_rate`` the allowance a buy must also be able to pay.
+    orders were checked (or how many of them fall in the rate window, counted by the caller);
+    ``fee_rate`` the allowance a buy must also be able to pay.
     """
     reject = RiskDecision.reject
     R = RejectReason
@@ -220,7 +221,10 @@ def check_order(
                 notional,
             )
         window_start = now - dt.timedelta(seconds=limits.window_seconds)
-        in_window = sum(1 for t in recent_order_times if window_start < t <= now)
+        if isinstance(recent_order_times, int):  # the caller counted them already
+            in_window = recent_order_times
+        else:
+            in_window = sum(1 for t in recent_order_times if window_start < t <= now)
         if in_window >= limits.max_orders_per_window:
             return reject(
                 R.ORDER_RATE,

@@ -238,6 +238,7 @@ class PaperVenue:
         self._orders: dict[str, _WorkingOrder] = {}
         self._by_client_id: dict[str, _WorkingOrder] = {}
         self._order_ids = itertools.count(1)
+        self._books: dict[tuple[str, int], tuple[Decimal, tuple[BookLevel, ...], tuple[BookLevel, ...]]] = {}
         self._fill_ids = itertools.count(1)
         if balances:
             self.fund(balances)
@@ -592,6 +593,14 @@ class PaperVenue:
 
     def _book(self, market: Market, depth: int) -> OrderBook:
         mid = self._mid[market.symbol]
+        cached = self._books.get((market.symbol, depth))
+        if cached is not None and cached[0] == mid:  # the book is a function of the mid
+            return OrderBook(symbol=market.symbol, bids=cached[1], asks=cached[2], at=self._clock())
+        book = self._build_book(market, mid, depth)
+        self._books[(market.symbol, depth)] = (mid, book.bids, book.asks)
+        return book
+
+    def _build_book(self, market: Market, mid: Decimal, depth: int) -> OrderBook:
         step = market.price_step
         bids: list[BookLevel] = []
         asks: list[BookLevel] = []

@@ -29,7 +29,6 @@ from services.core.hotstate import (
     OrderRecord,
     PortfolioRecord,
     PositionRecord,
-    RiskRecord,
     StateKeys,
     new_order_id,
     shard_of_order_id,
@@ -143,7 +142,6 @@ def portfolio_state(usdt: str, trading_state: TradingState = TradingState.ACTIVE
         portfolio=PortfolioRecord(portfolio_id="pf", trading_state=trading_state, created_at=NOW, updated_at=NOW),
         balances={"USDT": D(usdt)},
         positions={},
-        risk=RiskRecord(),
     )
 
 
@@ -157,11 +155,15 @@ def test_risk_stage_when_orders_approved_reserves_funds_until_they_finish() -> N
     assert first.outputs[0].event_type is EventType.ORDER_VALIDATED
     assert second.outputs[0].payload.reason_code == "INSUFFICIENT_BALANCE"
     assert state.reserved["USDT"] == D("6006.0")
-    stage.release(executed(1, "0.1", "0", "0.1"), state)  # o-1 done: its reservation goes
+    assert first.writes[0][:3] == ("HSET", SK.reservations("pf"), "o-1")
+    released = commit_for("pf")
+    stage.release(executed(1, "0.1", "0", "0.1"), state, released)  # o-1 done: its reservation goes
+    assert released.writes == [("HDEL", SK.reservations("pf"), "o-1")]
     third = commit_for("pf")
     stage.assess(request(order_id="o-3"), state, marks, third)
     assert third.outputs[0].event_type is EventType.ORDER_VALIDATED
-    assert set(state.risk.open) == {"o-3"}
+    assert {k for k, v in state.open.items() if v} == {"o-3"}
+    assert state.record().reserved == {"USDT": D("6006.0")} and len(state.record().recent) == 2
 
 
 def test_risk_stage_when_portfolio_halted_rejects() -> None:
