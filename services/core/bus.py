@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -1111,8 +1112,13 @@ async def _gather_bounded(coros: list[Awaitable[_T]]) -> list[_T]:
     gate = asyncio.Semaphore(_MAX_CONCURRENT)
 
     async def one(coro: Awaitable[_T]) -> _T:
-        async with gate:
-            return await coro
+        try:
+            async with gate:
+                return await coro
+        finally:
+            # cancelled before its turn (a stop): close it, or it is "never awaited"
+            if isinstance(coro, Coroutine) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
 
     return await asyncio.gather(*(one(c) for c in coros))
 
