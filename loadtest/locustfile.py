@@ -65,7 +65,10 @@ REJECT_QUANTITY = Decimal("100")  # BTC: 6,000,000 notional, over max_notional_p
 
 
 def read_local_env(path: Path = LOCAL_ENV) -> dict[str, str]:
-    """``KEY=VALUE`` lines of ``.zvt/local.env`` (as devstack writes it: shell-quoted); {} if absent."""
+    """``KEY=VALUE`` lines of ``.zvt/local.env`` (as devstack writes it: shell-quoted); {} if absent.
+
+    Like ``devstack.envfile.read_env``, repeated here on purpose: the locustfile stands alone
+    (in-cluster locust pods get this one file, not the project)."""
     out: dict[str, str] = {}
     try:
         lines = path.read_text().splitlines()

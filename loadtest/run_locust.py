@@ -23,7 +23,6 @@ import csv
 import datetime as dt
 import os
 import resource
-import shlex
 import signal
 import socket
 import subprocess
@@ -32,25 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devstack.envfile import read_env
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 REPORTS = ROOT / ".zvt" / "loadtest"
-
-
-def read_local_env(path: Path = ROOT / ".zvt" / "local.env") -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        words = shlex.split(value, comments=True)  # devstack writes shlex-quoted values
-        out[key.strip()] = words[0] if words else ""
-    return out
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -115,7 +100,7 @@ def _num(value: str | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    local = read_local_env()
+    local = read_env(ROOT / ".zvt" / "local.env")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--host", default=os.environ.get("ZVT_GATEWAY_URL") or local.get("ZVT_GATEWAY_URL"),
                     help="gateway base URL (default: ZVT_GATEWAY_URL from the environment or .zvt/local.env)")

@@ -563,7 +563,7 @@ class Consumer:
         if self.exclusive:
             self._tasks = [asyncio.create_task(self._lease_loop(), name=f"leases-{self.group}")]
             if self._merged:
-                self._merged_task = asyncio.create_task(self._merged_loop(), name=f"read-{self.group}")
+                self._merged_task = asyncio.create_task(self._read_loop(), name=f"read-{self.group}")
                 self._tasks.append(self._merged_task)
         else:
             self._tasks = [
@@ -617,27 +617,34 @@ class Consumer:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _read_loop(self, keys: list[str], halt: asyncio.Event | None = None) -> None:
-        streams = self._streams
-        # COUNT is per stream: split the batch over the streams read together, so one commit
-        # script never holds Redis for much more than ``batch_size`` entries.
-        count = max(1, -(-self._settings.batch_size // len(keys)))
-        command: tuple[Any, ...] = (
-            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count,
-            "BLOCK", self._settings.block_ms, "STREAMS", *keys, *(">" for _ in keys),
-        )
+    async def _read_loop(self, keys: list[str] | None = None, halt: asyncio.Event | None = None) -> None:
+        """Read and process until stopped (or ``halt``): the streams ``keys``, or with ``None``
+        every shard this exclusive consumer leases now, read together (single Redis)."""
+        fixed = keys
+        if fixed is None:
+            guard: Any = self._iteration
+        elif self.exclusive:
+            guard = self._guard(self._streams[fixed[0]][0])
+        else:
+            guard = contextlib.nullcontext()
         backoff = 0.05
-        guard: Any = self._guard(streams[keys[0]][0]) if self.exclusive else contextlib.nullcontext()
         while not self._stopping.is_set() and not (halt is not None and halt.is_set()):
+            if fixed is None and not self._reading:
+                await self._sleep(0.05)
+                continue
             try:
                 async with guard:
-                    await self._read_once(command, keys)
+                    reading = fixed or [k for k, (s, _) in self._streams.items() if s in self._reading]
+                    if reading:
+                        await self._read_once(reading)
                 backoff = 0.05
             except LeaseLost as exc:
                 log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
                 for shard in exc.shards:
+                    self._reading.discard(shard)
                     self._owned.pop(shard, None)  # not ours to give back
-                return
+                if fixed is not None:
+                    return
             except RedisError as exc:
                 log.warning("read failed, retrying", group=self.group, error=str(exc))
                 await self._sleep(backoff)
@@ -646,9 +653,15 @@ class Consumer:
                 log.exception("unexpected error in read loop", group=self.group)
                 await self._sleep(1.0)
 
-    async def _read_once(self, command: tuple[Any, ...], keys: list[str]) -> None:
-        """One XREADGROUP and the processing of what it returned."""
-        reply = await self.bus.redis.execute_command(*command, keys=keys)
+    async def _read_once(self, keys: list[str]) -> None:
+        """One XREADGROUP over ``keys`` and the processing of what it returned."""
+        # COUNT is per stream: split the batch over the streams read together, so one commit
+        # script never holds Redis for much more than ``batch_size`` entries.
+        count = max(1, -(-self._settings.batch_size // len(keys)))
+        reply = await self.bus.redis.execute_command(
+            "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", self._settings.block_ms,
+            "STREAMS", *keys, *(">" for _ in keys), keys=keys,
+        )
         if not reply:
             return
         streams = self._streams
@@ -669,40 +682,6 @@ class Consumer:
         if lock is None:
             lock = self._shard_locks[shard] = asyncio.Lock()
         return lock
-
-    async def _merged_loop(self) -> None:
-        """Exclusive consumer on a single Redis: read every shard leased now, together."""
-        streams = self._streams
-        block = self._settings.block_ms
-        backoff = 0.05
-        while not self._stopping.is_set():
-            if not self._reading:
-                await self._sleep(0.05)
-                continue
-            async with self._iteration:
-                keys = [k for k, (s, _) in streams.items() if s in self._reading]
-                if not keys:
-                    continue
-                count = max(1, -(-self._settings.batch_size // len(keys)))
-                command = (
-                    "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", block,
-                    "STREAMS", *keys, *(">" for _ in keys),
-                )
-                try:
-                    await self._read_once(command, keys)
-                    backoff = 0.05
-                except LeaseLost as exc:
-                    log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
-                    for shard in exc.shards:
-                        self._reading.discard(shard)
-                        self._owned.pop(shard, None)  # not ours to give back
-                except RedisError as exc:
-                    log.warning("read failed, retrying", group=self.group, error=str(exc))
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                except Exception:
-                    log.exception("unexpected error in read loop", group=self.group)
-                    await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -36,7 +36,16 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from services.core.events import OrderType, Route, Side, TimeInForce, TradingState, UtcDatetime
+from services.core.events import (
+    Event,
+    OrderRequested,
+    OrderType,
+    Route,
+    Side,
+    TimeInForce,
+    TradingState,
+    UtcDatetime,
+)
 from services.core.keys import Keys
 from services.trading.money import ZERO
 from services.trading.orders import TERMINAL, Order, OrderStatus
@@ -54,6 +63,7 @@ __all__ = [
     "StateKeys",
     "StateReader",
     "pairs",
+    "requested_order",
     "decode_balances",
     "dump",
     "load",
@@ -261,6 +271,40 @@ def load(cls: type[T], data: bytes) -> T:
 
 def decode_balances(raw: dict[Any, Any]) -> dict[str, Decimal]:
     return {(k.decode() if isinstance(k, bytes) else k): Decimal(v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+
+
+def requested_order(
+    *,
+    order_id: str,
+    portfolio_id: str,
+    client_order_id: str,
+    symbol: str,
+    side: Side,
+    order_type: OrderType,
+    quantity: Decimal,
+    price: Decimal | None,
+    time_in_force: TimeInForce,
+    venue: str | None,
+    at: dt.datetime,
+    requested_by: str | None = None,
+    body_hash: str = "",
+) -> tuple[OrderRecord, Event[Any]]:
+    """A new order as the platform takes it in: its first record and its ``order.requested``
+    (correlated by the order id), written together by whoever accepts it."""
+    record = OrderRecord(
+        order_id=order_id, client_order_id=client_order_id, portfolio_id=portfolio_id, correlation_id=order_id,
+        symbol=symbol, side=side, order_type=order_type, quantity=quantity, price=price,
+        time_in_force=time_in_force, requested_venue=venue, created_at=at, updated_at=at,
+        body_hash=body_hash, requested_by=requested_by,
+    )
+    event = Event.new(
+        OrderRequested(
+            order_id=order_id, client_order_id=client_order_id, symbol=symbol, side=side, order_type=order_type,
+            quantity=quantity, price=price, time_in_force=time_in_force, venue=venue, requested_by=requested_by,
+        ),
+        portfolio_id=portfolio_id, correlation_id=order_id, occurred_at=at,
+    )
+    return record, event
 
 
 def new_order_id(shard: int) -> str:

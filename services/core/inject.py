@@ -16,7 +16,7 @@ from typing import Any
 
 from services.core.bus import DATA, Bus
 from services.core.codec import encode
-from services.core.events import Event, EventType, OrderRequested, OrderType, Side, TimeInForce, TradingState, utcnow
+from services.core.events import EventType, OrderType, Side, TimeInForce, TradingState, utcnow
 from services.core.hotstate import (
     DEFAULT_LIMITS,
     LimitsRecord,
@@ -26,6 +26,7 @@ from services.core.hotstate import (
     dump,
     load,
     new_order_id,
+    requested_order,
 )
 
 __all__ = ["OrderSpec", "inject_orders", "read_orders", "seed_portfolio"]
@@ -72,21 +73,10 @@ async def inject_orders(bus: Bus, specs: Sequence[OrderSpec], *, at: dt.datetime
         shard = bus.keys.shard_of(spec.portfolio_id)
         order_id = new_order_id(shard)
         ids.append(order_id)
-        coid = spec.client_order_id or order_id
-        record = OrderRecord(
-            order_id=order_id, client_order_id=coid, portfolio_id=spec.portfolio_id, correlation_id=order_id,
+        record, event = requested_order(
+            order_id=order_id, portfolio_id=spec.portfolio_id, client_order_id=spec.client_order_id or order_id,
             symbol=spec.symbol, side=spec.side, order_type=spec.order_type, quantity=spec.quantity,
-            price=spec.price, time_in_force=spec.time_in_force, created_at=now, updated_at=now,
-        )
-        event = Event.new(
-            OrderRequested(
-                order_id=order_id, client_order_id=coid, symbol=spec.symbol, side=spec.side,
-                order_type=spec.order_type, quantity=spec.quantity, price=spec.price,
-                time_in_force=spec.time_in_force,
-            ),
-            portfolio_id=spec.portfolio_id,
-            correlation_id=order_id,
-            occurred_at=now,
+            price=spec.price, time_in_force=spec.time_in_force, venue=None, at=now,
         )
         pipe.set(sk.order(spec.portfolio_id, order_id), dump(record))
         pipe.xadd(bus.keys.stream(shard, EventType.ORDER_REQUESTED), {DATA: encode(event)})

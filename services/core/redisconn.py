@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import hiredis
@@ -14,7 +15,7 @@ from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from services.core.settings import CoreSettings
 
-__all__ = ["AnyRedis", "ScriptBatcher", "connect", "open_redis"]
+__all__ = ["AnyRedis", "ScriptBatcher", "connect", "open_redis", "scan_keys"]
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 
@@ -70,6 +71,15 @@ def connect(settings: CoreSettings) -> AnyRedis:
         max_connections=512,
         connection_class=HiredisPackingConnection,
     )
+
+
+async def scan_keys(redis: AnyRedis, pattern: str) -> AsyncIterator[str]:
+    """Every key matching ``pattern``: on a cluster, from each master in turn."""
+    nodes: list[Any] = redis.get_primaries() if isinstance(redis, RedisCluster) else [None]
+    for node in nodes:
+        kwargs = {"target_nodes": node} if node is not None else {}
+        async for key in redis.scan_iter(match=pattern, count=1000, **kwargs):
+            yield key.decode() if isinstance(key, bytes) else key
 
 
 async def open_redis(settings: CoreSettings) -> AnyRedis:

@@ -20,7 +20,7 @@ import gc
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -32,13 +32,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
-from services.core.bus import Bus, Consumer, Handler
-from services.core.events import EventType, Route
+from services.core.bus import Batch, Bus, Commit, Consumer, Handler
+from services.core.events import Event, EventType, Route
 from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
 
 __all__ = ["ReadinessCheck", "Service", "main", "tune_gc"]
+
+BatchFn = Callable[[list[tuple[Event[Any], Commit]]], Awaitable[None]]
+"""A batch handler: every event of a read with its commit, in stream order."""
 
 log = get_logger("zvt.runtime")
 
@@ -101,6 +104,26 @@ class Service:
         ``precheck`` drops already-processed events before the handler sees them (stateful
         stages want it: a redelivered event must not be applied to state twice)."""
         self._consumer_specs.append((group, handlers, routes, exclusive, precheck))
+
+    def stage(
+        self,
+        group: str,
+        event_types: Iterable[EventType],
+        open_handler: Callable[[Service], Awaitable[BatchFn]],
+    ) -> None:
+        """A stateful stage: ``open_handler`` builds its batch handler once Redis is up, and it
+        joins ``group`` as an exclusive consumer (one member per shard, in order) that drops
+        already-processed events before handling them, so none is applied to state twice."""
+        handlers: list[BatchFn] = []
+
+        async def open_stage(service: Service) -> None:
+            handlers.append(await open_handler(service))
+
+        async def handle(items: list[tuple[Event[Any], Commit]]) -> None:
+            await handlers[0](items)
+
+        self.on_startup(open_stage)
+        self.consume(group, dict.fromkeys(event_types, Batch(handle)), exclusive=True, precheck=True)
 
     def background(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a coroutine for the life of the process; it should return when ``stopping``."""

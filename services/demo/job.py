@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import httpx
 from tqdm import tqdm
 
+from devstack.envfile import read_env
 from services.client import ApiError, AsyncClient, OrderResult
 from services.demo.plan import (
     MAX_NOTIONAL,
@@ -51,7 +52,7 @@ from services.demo.plan import (
     seed_orders,
 )
 
-__all__ = ["Outcome", "Target", "main", "percentile", "read_env_file", "resolve_target"]
+__all__ = ["Outcome", "Target", "main", "percentile", "resolve_target"]
 
 T = TypeVar("T")
 
@@ -74,28 +75,9 @@ class Target:
     sink_url: str | None = None
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``export`` and quotes allowed; ``#`` comments); {} if there is no file."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
-
-
 def resolve_target(url: str | None, api_key: str | None, env_file: Path, environ: Mapping[str, str]) -> Target:
     """Arguments first, then the environment, then the env file."""
-    values = read_env_file(env_file)
+    values = read_env(env_file)
     found_url = url or environ.get("ZVT_GATEWAY_URL") or values.get("ZVT_GATEWAY_URL") or DEFAULT_URL
     if api_key:
         key, source = api_key, "--api-key"

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 import psycopg
@@ -320,8 +321,6 @@ class LeanOrders:
 
 
 def _query_value(query: bytes, name: str) -> str | None:
-    from urllib.parse import parse_qsl
-
     for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
         if key == name:
             return value

@@ -17,12 +17,19 @@ from services.core.events import (
     Event,
     EventType,
     OrderCancelRequested,
-    OrderRequested,
     OrderType,
     utcnow,
 )
 from services.core.redisconn import ScriptBatcher
-from services.core.hotstate import OrderRecord, StateKeys, dump, load, new_order_id, shard_of_order_id
+from services.core.hotstate import (
+    OrderRecord,
+    StateKeys,
+    dump,
+    load,
+    new_order_id,
+    requested_order,
+    shard_of_order_id,
+)
 from services.gateway.models import FillView, OrderBody, OrderView, positive_decimal
 from services.gateway.problems import Problem
 from services.trading.orders import OrderStatus
@@ -94,19 +101,10 @@ class OrderDesk:
         order_id = new_order_id(shard)
         now = utcnow()
         digest = body_hash(body, quantity, price)
-        record = OrderRecord(
-            order_id=order_id, client_order_id=body.client_order_id, portfolio_id=p, correlation_id=order_id,
-            symbol=body.symbol, side=body.side, order_type=body.type, quantity=quantity, price=price,
-            time_in_force=body.time_in_force, requested_venue=body.venue, created_at=now, updated_at=now,
-            body_hash=digest, requested_by=requested_by,
-        )
-        event = Event.new(
-            OrderRequested(
-                order_id=order_id, client_order_id=body.client_order_id, symbol=body.symbol, side=body.side,
-                order_type=body.type, quantity=quantity, price=price, time_in_force=body.time_in_force,
-                venue=body.venue, requested_by=requested_by,
-            ),
-            portfolio_id=p, correlation_id=order_id, occurred_at=now,
+        record, event = requested_order(
+            order_id=order_id, portfolio_id=p, client_order_id=body.client_order_id, symbol=body.symbol,
+            side=body.side, order_type=body.type, quantity=quantity, price=price, time_in_force=body.time_in_force,
+            venue=body.venue, at=now, requested_by=requested_by, body_hash=digest,
         )
         state = keys.state
         reply = await self._submit(

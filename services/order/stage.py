@@ -55,6 +55,8 @@ HANDLED = (
 )
 
 S = OrderStatus
+# A validated order is created at once: both moves must stay in the state machine's table.
+assert {(S.REQUESTED, S.VALIDATED), (S.VALIDATED, S.CREATED)} <= TRANSITIONS
 
 
 class OrderStage:
@@ -71,11 +73,10 @@ class OrderStage:
         return {k: load(OrderRecord, v) for k, v in zip(keys, values, strict=True) if v}
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
-        keys = sorted({self.sk.order(e.portfolio_id, e.payload.order_id) for e, _ in items})
-        records = await self.load(keys)
-        for event, commit in items:
+        keyed = [(self.sk.order(e.portfolio_id, e.payload.order_id), e, c) for e, c in items]
+        records = await self.load(sorted({key for key, _, _ in keyed}))
+        for key, event, commit in keyed:
             with consumer_span(event, GROUP):
-                key = self.sk.order(event.portfolio_id, event.payload.order_id)
                 record = records.get(key)
                 try:
                     if record is None:
@@ -107,7 +108,6 @@ class OrderStage:
         if isinstance(p, OrderValidated):
             if status is not S.REQUESTED:
                 return self._stale(event, record)
-            assert (S.REQUESTED, S.VALIDATED) in TRANSITIONS and (S.VALIDATED, S.CREATED) in TRANSITIONS
             commit.emit(
                 event.derive(
                     OrderCreated(
@@ -137,9 +137,6 @@ class OrderStage:
             )
         if isinstance(p, OrderCanceled):
             target = S.EXPIRED if p.reason == EXPIRED_REASON else S.CANCELED
-            if target is S.EXPIRED and status is S.CREATED:
-                # the routing acknowledgement is still on its way: the venue had the order
-                status = S.ROUTED
             if (status, target) not in TRANSITIONS:
                 return self._stale(event, record)
             return msgspec.structs.replace(record, status=target, reject_reason=p.reason, updated_at=at)

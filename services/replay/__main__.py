@@ -14,14 +14,11 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
-
-from redis.asyncio import RedisCluster
 
 from services.core.bus import Bus
 from services.core.events import EventType, OrderExecuted, PositionUpdated
 from services.core.hotstate import PositionRecord, load
-from services.core.redisconn import AnyRedis, open_redis
+from services.core.redisconn import AnyRedis, open_redis, scan_keys
 from services.core.settings import BusSettings, CoreSettings, SettingsError
 from services.core.settings import load as load_settings
 from services.recorder.settings import RecorderSettings
@@ -36,16 +33,12 @@ PAGE = 50_000
 async def live_positions(redis: AnyRedis, bus: Bus) -> dict[tuple[str, str], PositionRecord]:
     """Every position of the namespace, from the ``positions:<portfolio>`` hashes."""
     pattern = f"{bus.keys.namespace}:{{*}}:positions:*"
-    nodes: list[Any] = redis.get_primaries() if isinstance(redis, RedisCluster) else [None]
     out: dict[tuple[str, str], PositionRecord] = {}
-    for node in nodes:
-        kwargs = {"target_nodes": node} if node is not None else {}
-        async for key in redis.scan_iter(match=pattern, count=1000, **kwargs):
-            name = key.decode() if isinstance(key, bytes) else key
-            pid = name.split(":positions:", 1)[1]
-            for symbol, raw in (await redis.hgetall(name)).items():
-                sym = symbol.decode() if isinstance(symbol, bytes) else symbol
-                out[(pid, sym)] = load(PositionRecord, raw if isinstance(raw, bytes) else raw.encode())
+    async for name in scan_keys(redis, pattern):
+        pid = name.split(":positions:", 1)[1]
+        for symbol, raw in (await redis.hgetall(name)).items():
+            sym = symbol.decode() if isinstance(symbol, bytes) else symbol
+            out[(pid, sym)] = load(PositionRecord, raw if isinstance(raw, bytes) else raw.encode())
     return out
 
 

@@ -7,13 +7,10 @@ price feed (marks in Redis).
 
 from __future__ import annotations
 
-from typing import Any
-
-from services.core.bus import Batch, Commit, default_consumer_name
-from services.core.events import Event
+from services.core.bus import default_consumer_name
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
-from services.core.runtime import Service, main
+from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
 from services.routing.feed import PriceFeed
 from services.routing.settings import RoutingSettings
@@ -23,16 +20,14 @@ from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES, PaperFaults, 
 
 def build(service: Service) -> None:
     settings = load(RoutingSettings)
-    stages: list[RoutingStage] = []
     feeds: list[PriceFeed] = []
 
-    async def open_stage(service: Service) -> None:
+    async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
         keys = service.bus.keys
         venue = PaperVenue("paper", faults=PaperFaults(latency=settings.paper_latency_ms / 1000))
         stage = RoutingStage(service.redis, StateKeys(keys), Marks(service.redis, keys), [venue])
         await stage.start()
-        stages.append(stage)
         feed = PriceFeed(
             service.redis,
             keys,
@@ -44,9 +39,7 @@ def build(service: Service) -> None:
         )
         await feed.seed_marks()
         feeds.append(feed)
-
-    async def handle(items: list[tuple[Event[Any], Commit]]) -> None:
-        await stages[0].handle(items)
+        return stage.handle
 
     async def run_feed() -> None:
         interval = settings.feed_interval_s
@@ -55,9 +48,8 @@ def build(service: Service) -> None:
         while not await service.sleep(interval):
             await feeds[0].step(interval)
 
-    service.on_startup(open_stage)
+    service.stage(GROUP, HANDLED, open_stage)
     service.background(run_feed)
-    service.consume(GROUP, dict.fromkeys(HANDLED, Batch(handle)), exclusive=True, precheck=True)
 
 
 if __name__ == "__main__":

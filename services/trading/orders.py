@@ -63,6 +63,8 @@ TRANSITIONS: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
         # processed before the routing acknowledgement is.
         (S.CREATED, S.PARTIALLY_FILLED),
         (S.CREATED, S.FILLED),
+        # Likewise an expiry (IOC, FOK, market remainder) can overtake the acknowledgement.
+        (S.CREATED, S.EXPIRED),
         (S.ROUTED, S.PARTIALLY_FILLED),
         (S.ROUTED, S.FILLED),
         (S.ROUTED, S.CANCELED),

@@ -20,7 +20,7 @@ import pytest
 
 from services.core.bus import Bus
 from services.core.events import Event, EventType, OrderRequested, OrderType, Side
-from services.core.redisconn import AnyRedis, open_redis
+from services.core.redisconn import AnyRedis, open_redis, scan_keys
 from services.core.settings import BusSettings, CoreSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,17 +86,12 @@ def bus(redis: AnyRedis, bus_settings: Callable[..., BusSettings]) -> Bus:
 
 
 async def delete_namespace(client: AnyRedis, namespace: str) -> None:
-    from redis.asyncio import RedisCluster
-
-    nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
-    for node in nodes:
-        kwargs = {"target_nodes": node} if node is not None else {}
-        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000, **kwargs)]
-        for i in range(0, len(keys), 500):
-            pipe = client.pipeline(transaction=False)
-            for key in keys[i : i + 500]:
-                pipe.execute_command("UNLINK", key)
-            await pipe.execute()
+    keys = [k async for k in scan_keys(client, f"{namespace}:*")]
+    for i in range(0, len(keys), 500):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i : i + 500]:
+            pipe.execute_command("UNLINK", key)
+        await pipe.execute()
 
 
 def order(i: int, portfolio: str | None = None, **extra: Any) -> Event[Any]:
