@@ -1,4 +1,5 @@
-"""Local infrastructure for development and tests: Redis (single and Cluster) and PostgreSQL.
+"""Local infrastructure for development and tests: Redis (single and Cluster), PostgreSQL, and
+(through ``devstack.hatchet``) the Hatchet engine.
 
 Everything listens on 127.0.0.1 and keeps its data, pid files and logs under ``.zvt/`` in the
 repository root. Every ``ensure_*`` is idempotent: it starts what is missing, leaves what runs
@@ -84,7 +85,7 @@ POSTGRES_DSN = f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@{HOST}:{POSTGR
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_SYSTEM_USER = "postgres"
 
-COMPONENTS = ("single", "cluster", "postgres")
+COMPONENTS = ("single", "cluster", "postgres", "hatchet")  # hatchet: devstack.hatchet, on postgres
 
 _INSTALL_HINT = "run `make deps`"
 
@@ -949,13 +950,23 @@ def _selected(only: Sequence[str] | None) -> list[str]:
 
 def ensure(only: Sequence[str] | None = None) -> dict[str, object]:
     """Start the selected components (all by default); return their addresses by name."""
-    starters = {"single": ensure_single, "cluster": ensure_cluster, "postgres": ensure_postgres}
+    from devstack import hatchet  # it builds on this module
+
+    starters = {
+        "single": ensure_single, "cluster": ensure_cluster, "postgres": ensure_postgres,
+        "hatchet": hatchet.ensure_hatchet,
+    }
     return {name: starters[name]() for name in _selected(only)}
 
 
 def stop(only: Sequence[str] | None = None) -> None:
     """Stop the selected components (all by default); stopping what is stopped is fine."""
-    stoppers = {"single": _stop_single, "cluster": _stop_cluster, "postgres": _stop_postgres}
+    from devstack import hatchet
+
+    stoppers = {
+        "single": _stop_single, "cluster": _stop_cluster, "postgres": _stop_postgres,
+        "hatchet": hatchet.stop_hatchet,
+    }
     for name in reversed(_selected(only)):
         stoppers[name]()
 
@@ -965,5 +976,10 @@ def stop_all() -> None:
 
 
 def status(only: Sequence[str] | None = None) -> list[ComponentStatus]:
-    probes = {"single": _single_status, "cluster": _cluster_status, "postgres": _postgres_status}
+    from devstack import hatchet
+
+    probes = {
+        "single": _single_status, "cluster": _cluster_status, "postgres": _postgres_status,
+        "hatchet": hatchet.hatchet_status,
+    }
     return [probes[name]() for name in _selected(only)]
