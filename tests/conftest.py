@@ -30,3 +30,16 @@ def redis_cluster_url() -> str:
 @pytest.fixture(scope="session")
 def postgres_dsn() -> str:
     return stack.ensure_postgres()
+
+
+@pytest.fixture(scope="session")
+def hatchet_env() -> dict[str, str]:
+    """The local Hatchet engine (built once into .cache/tools), as ZVT_HATCHET_* settings."""
+    from devstack import hatchet
+
+    client = hatchet.ensure_hatchet()
+    return {
+        "ZVT_HATCHET_TOKEN": client["HATCHET_CLIENT_TOKEN"],
+        "ZVT_HATCHET_HOST_PORT": client["HATCHET_CLIENT_HOST_PORT"],
+        "ZVT_HATCHET_TLS_STRATEGY": "none",
+    }

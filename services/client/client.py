@@ -73,9 +73,15 @@ class _Calls:
     """Every API call, described; the two clients run them."""
 
     @staticmethod
-    def place_order(request: OrderRequest, wait: float | None) -> _Call[OrderResult]:
-        params = {"wait": wait} if wait is not None else None
-        return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params)
+    def place_order(request: OrderRequest, wait: float | None, durable: bool = False) -> _Call[OrderResult]:
+        params: dict[str, Any] = {"wait": wait} if wait is not None else {}
+        if durable:
+            params["durable"] = "true"
+        return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params or None)
+
+    @staticmethod
+    def workflow(run_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/v1/workflows/{_seg(run_id)}", lambda r: dict(r.json()))
 
     @staticmethod
     def get_order(order_id: str) -> _Call[OrderResult]:
@@ -156,9 +162,14 @@ class Client:
         _raise_for(response)
         return call.parse(response)
 
-    def place_order(self, request: OrderRequest, *, wait: float | None = None) -> OrderResult:
-        """Submit an order; safe to retry with the same request (same ``client_order_id``)."""
-        return self._run(_Calls.place_order(request, wait))
+    def place_order(self, request: OrderRequest, *, wait: float | None = None, durable: bool = False) -> OrderResult:
+        """Submit an order; safe to retry with the same request (same ``client_order_id``).
+        ``durable``: through the ``trading.place_order`` workflow instead of the streams."""
+        return self._run(_Calls.place_order(request, wait, durable))
+
+    def workflow(self, run_id: str) -> dict[str, Any]:
+        """A workflow run: status and result."""
+        return self._run(_Calls.workflow(run_id))
 
     def get_order(self, order_id: str) -> OrderResult:
         return self._run(_Calls.get_order(order_id))
@@ -218,8 +229,11 @@ class AsyncClient:
         _raise_for(response)
         return call.parse(response)
 
-    async def place_order(self, request: OrderRequest, *, wait: float | None = None) -> OrderResult:
-        return await self._run(_Calls.place_order(request, wait))
+    async def place_order(self, request: OrderRequest, *, wait: float | None = None, durable: bool = False) -> OrderResult:
+        return await self._run(_Calls.place_order(request, wait, durable))
+
+    async def workflow(self, run_id: str) -> dict[str, Any]:
+        return await self._run(_Calls.workflow(run_id))
 
     async def get_order(self, order_id: str) -> OrderResult:
         return await self._run(_Calls.get_order(order_id))

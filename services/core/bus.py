@@ -48,6 +48,7 @@ from services.core.telemetry import (
     BUS_BATCH_SECONDS,
     BUS_BATCH_SIZE,
     BUS_DEAD_LETTERED,
+    BUS_STATE_CONFLICTS,
     BUS_DELIVERY_LATENCY,
     BUS_LAG,
     BUS_MESSAGES,
@@ -122,8 +123,9 @@ def default_consumer_name(service: str) -> str:
 
 _COMMIT_LUA = """
 -- ARGV[1] group, ARGV[2] dedupe ttl (ms), ARGV[3] msgpack: a list of per-shard batches
---   {seen-prefix, errors-hash, deadletter-stream, records, lease-key or '', owner};
--- returns {duplicate event ids, leases found lost}. Each record a list:
+--   {seen-prefix, errors-hash, deadletter-stream, records, lease-key or '', owner,
+--    version-key or '', the version the batch's state was read at};
+-- returns {duplicate event ids, leases found lost, version keys found moved}. Each record a list:
 --   {'C', stream, id, event-id, {{out-stream, data}...}, {{command, key, arg...}...}}
 --                                           commit once (mark new: writes and outputs), ack
 --   {'A', stream, id}                       ack only
@@ -131,7 +133,7 @@ _COMMIT_LUA = """
 --   {'F', stream, id, error}                failed: stays pending, the error is remembered
 --   {'X', stream, id}                       forget a past error
 local group, ttl = ARGV[1], ARGV[2]
-local dups, lost = {}, {}
+local dups, lost, moved = {}, {}, {}
 for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
   local prefix, errors, dlq = batch[1], batch[2], batch[3]
   local acks = {}
@@ -140,6 +142,14 @@ for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
   if batch[5] ~= '' and redis.call('GET', batch[5]) ~= batch[6] then
     lost[#lost + 1] = batch[5]
     records = {}
+  elseif batch[7] ~= '' then
+    -- the state changed since it was read (a workflow task committed): refused whole, redone
+    if (redis.call('GET', batch[7]) or '0') ~= batch[8] then
+      moved[#moved + 1] = batch[7]
+      records = {}
+    else
+      redis.call('INCR', batch[7])
+    end
   end
   for _, r in ipairs(records) do
     local kind, stream, id = r[1], r[2], r[3]
@@ -172,7 +182,7 @@ for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
     end
   end
 end
-return {dups, lost}
+return {dups, lost, moved}
 """
 
 _RENEW_LUA = """
@@ -192,12 +202,32 @@ return 1
 """
 
 _SEEN_LUA = """
--- ARGV[1] msgpack: a list of {seen-prefix, {event-id...}}; returns 1 or 0 per id, in order
-local out = {}
-for _, batch in ipairs(cmsgpack.unpack(ARGV[1])) do
+-- ARGV[1] msgpack: a list of {seen-prefix, {event-id...}, version-key or ''}; returns 1 or 0
+-- per id, in order, then each batch's state version ('' without a version key)
+local out, versions = {}, {}
+for i, batch in ipairs(cmsgpack.unpack(ARGV[1])) do
   for _, eid in ipairs(batch[2]) do out[#out + 1] = redis.call('EXISTS', batch[1] .. eid) end
+  versions[i] = batch[3] == '' and '' or (redis.call('GET', batch[3]) or '0')
 end
+for _, v in ipairs(versions) do out[#out + 1] = v end
 return out
+"""
+
+_APPLY_LUA = """
+-- A commit made outside a consumer group (a workflow task): KEYS[1] the dedupe mark of the
+-- input for the stage's group, KEYS[2] the group's state version in the shard, KEYS[3] where
+-- the outputs are kept for a repeat; ARGV[1] dedupe ttl (ms), ARGV[2] the version the state
+-- was read at, ARGV[3] msgpack {{out-stream, data}...}, ARGV[4] msgpack {{command, key, arg...}...},
+-- ARGV[5] the outputs to keep.
+-- Returns {1} applied, {0, kept outputs} already applied, {-1} the state moved since it was read.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('GET', KEYS[3]) or ''} end
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[2] then return {-1} end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[1])
+redis.call('INCR', KEYS[2])
+for _, o in ipairs(cmsgpack.unpack(ARGV[3])) do redis.call('XADD', o[1], '*', 'd', o[2]) end
+for _, w in ipairs(cmsgpack.unpack(ARGV[4])) do redis.call(unpack(w)) end
+return {1}
 """
 
 _PUBLISH_LUA = """
@@ -248,6 +278,7 @@ class Bus:
         self._append = redis.register_script(_PUBLISH_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
         self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._apply = redis.register_script(_APPLY_LUA)
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
     def stream_of(self, event: Event[Any]) -> str:
@@ -290,6 +321,45 @@ class Bus:
         return result
 
     # -- groups, lag, dead letters -----------------------------------------------------------
+
+    async def state_version(self, group: str, shard: int) -> str:
+        """The version of ``group``'s state in ``shard``, to pass to ``apply``."""
+        value = await self.redis.get(self.keys.version(shard, group))
+        return _s(value) if value else "0"
+
+    async def apply(self, group: str, event: Event[Any], commit: Commit, version: str) -> list[Event[Any]] | None:
+        """Commit what a stage decided about ``event`` outside its consumer group (a workflow
+        task calling the stage): the writes, the outputs and ``group``'s dedupe mark for the
+        event, all or nothing, and only if the state is still at ``version``.
+
+        Returns the events the stage emitted. When the event had already been handled (the
+        task ran again after its commit), nothing is written and the events of that first
+        commit come back. None: the state moved since it was read; read it again, decide
+        again and apply again."""
+        if commit.error is not None:
+            raise commit.error
+        if commit.foreign:
+            await self.publish_many(commit.foreign)
+        shard = commit.shard
+        emitted = commit.outputs + commit.foreign
+        outputs = [(self.keys.stream(shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs]
+        kept = _pack([(str(o.event_type), _mp_bytes(encode(o))) for o in emitted])
+        tag = self.keys.tag(shard)
+        reply: list[Any] = await self._apply(
+            keys=[self.keys.seen_prefix(shard, group) + event.event_id, self.keys.version(shard, group),
+                  f"{tag}:applied:{group}:{event.event_id}"],
+            args=[self.settings.dedupe_ttl_s * 1000, version, _pack(outputs), _pack(commit.writes), kept],
+        )
+        result = int(reply[0])
+        if result == -1:
+            return None
+        if result == 1:
+            for o in commit.outputs:
+                BUS_PUBLISHED.labels(o.event_type).inc()
+            return emitted
+        if not reply[1]:
+            return []  # handled by a stream consumer, whose outputs are not kept
+        return [decode(_b(data), EventType(t)) for t, data in msgspec.msgpack.decode(reply[1])]
 
     async def ensure_group(self, group: str, event_types: Iterable[EventType], start_id: str = "0") -> None:
         """Create ``group`` on every shard of each type (and the stream if missing)."""
@@ -539,6 +609,7 @@ class Consumer:
             s: (
                 bus.keys.seen_prefix(s, group), bus.keys.errors(s, group), bus.keys.deadletter(s),
                 bus.keys.lease(s, group) if exclusive else "", self.name,
+                bus.keys.version(s, group) if exclusive else "",
             )
             for s in self.shards
         }
@@ -690,7 +761,20 @@ class Consumer:
     # -- processing ----------------------------------------------------------------------------
 
     async def _process(self, entries: list[_Entry]) -> None:
-        """Decode, filter, handle and commit entries (of one slot on a cluster)."""
+        """Decode, filter, handle and commit entries (of one slot on a cluster).
+
+        An exclusive consumer's commit of a shard is refused whole when that shard's state
+        changed after it was read (a workflow task committed to it meanwhile): those entries
+        are handled again on the fresh state."""
+        for _ in range(100):
+            moved = await self._process_once(entries)
+            if not moved:
+                return
+            BUS_STATE_CONFLICTS.labels(self.group).inc(len(moved))
+            entries = [e for e in entries if e.shard in moved]
+        raise RuntimeError(f"{self.group}: state of shards {sorted(moved)} kept moving; entries stay pending")
+
+    async def _process_once(self, entries: list[_Entry]) -> set[int]:
         started = time.perf_counter()
         out = _Outcome()
         records: dict[int, list[Any]] = {}
@@ -715,8 +799,13 @@ class Consumer:
                 continue
             todo.append((entry, event, recs))
 
+        versions: dict[int, str] = {}
         if todo:
-            seen = await self._seen(todo) if self._precheck else None
+            seen = None
+            if self._precheck or self.exclusive:
+                seen, versions = await self._seen(todo)
+                if not self._precheck:
+                    seen = None
             fresh, batch_ids = [], set()
             for i, item in enumerate(todo):
                 event_id = item[1].event_id
@@ -774,7 +863,9 @@ class Consumer:
 
         if foreign:
             await self.bus.publish_many(foreign)
-        dups = await self._commit(records)
+        dups, moved = await self._commit(records, versions)
+        if moved:
+            return moved
         if dups:  # handled, but another copy had committed first
             types = {event.event_id: entry.event_type for entry, event, _ in todo}
             for event_id in dups:
@@ -782,6 +873,7 @@ class Consumer:
                 out.add(types[_s(event_id)], "duplicate")
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
+        return moved
 
     def _succeeded(
         self, out: _Outcome, entry: _Entry, event: Event[Any], recs: list[Any], commit: Commit,
@@ -813,22 +905,24 @@ class Consumer:
             correlation_id=event.correlation_id,
         )
 
-    async def _commit(self, records: dict[int, list[Any]]) -> list[Any]:
+    async def _commit(self, records: dict[int, list[Any]], versions: dict[int, str]) -> tuple[list[Any], set[int]]:
+        """Returns the event ids another copy had committed first, and the shards whose state
+        moved since ``versions`` were read (nothing of those was committed)."""
         batches = [
-            (prefix, errors, dlq, recs, lease, owner)
+            (prefix, errors, dlq, recs, lease, owner, version_key if shard in versions else "", versions.get(shard, ""))
             for shard, recs in records.items()
             if recs
-            for prefix, errors, dlq, lease, owner in (self._headers[shard],)
+            for prefix, errors, dlq, lease, owner, version_key in (self._headers[shard],)
         ]
         if not batches:
-            return []
+            return [], set()
         route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
-        dups, lost = await self.bus._commit(
+        dups, lost, moved = await self.bus._commit(
             keys=[route], args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
         )
         if lost:
             raise LeaseLost(sorted(s for s in records if self._headers[s][3].encode() in lost))
-        return list(dups)
+        return list(dups), {s for s in records if moved and self._headers[s][5].encode() in moved}
 
     def _dead(self, out: _Outcome, entry: _Entry, reason: str, error: str, event_id: str = "") -> tuple[Any, ...]:
         key = (entry.event_type, reason)
@@ -844,17 +938,19 @@ class Consumer:
         )
         return ("D", entry.stream, entry.entry_id, fields)
 
-    async def _seen(self, todo: list[tuple[_Entry, Event[Any], list[Any]]]) -> list[int]:
+    async def _seen(self, todo: list[tuple[_Entry, Event[Any], list[Any]]]) -> tuple[list[int], dict[int, str]]:
         by_shard: dict[int, list[str]] = {}
         for entry, event, _ in todo:
             by_shard.setdefault(entry.shard, []).append(event.event_id)
-        flags: list[int] = await self.bus._seen(
+        reply: list[Any] = await self.bus._seen(
             keys=[self._keys.deadletter(next(iter(by_shard)))],
-            args=[_pack([(self._headers[s][0], ids) for s, ids in by_shard.items()])],
+            args=[_pack([(self._headers[s][0], ids, self._headers[s][5]) for s, ids in by_shard.items()])],
         )
+        flags = reply[:len(todo)]
+        versions = {s: _s(v) for s, v in zip(by_shard, reply[len(todo):], strict=True) if v}
         # the script answers shard by shard; put the answers back in entry order
         answers = {s: iter(flags[i:i + len(ids)]) for s, ids, i in _offsets(by_shard)}
-        return [next(answers[entry.shard]) for entry, _, _ in todo]
+        return [next(answers[entry.shard]) for entry, _, _ in todo], versions
 
     def _observe(self, entries: list[_Entry], out: _Outcome, seconds: float) -> None:
         group = self.group
@@ -950,7 +1046,7 @@ class Consumer:
             last = _s(error) if error else "no handler finished it (consumers stopped or died while handling it)"
             records.append(("X", entry.stream, entry.entry_id))
             records.append(self._dead(out, entry, "max_deliveries", last))
-        await self._commit({shard: records})
+        await self._commit({shard: records}, {})
         self._observe(entries, out, 0.0)
 
     # -- shard leases (exclusive consumers) -----------------------------------------------
@@ -1131,3 +1227,7 @@ def _offsets(by_shard: dict[int, list[str]]) -> Iterable[tuple[int, list[str], i
 def _parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _b(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)

@@ -288,9 +288,12 @@ def requested_order(
     at: dt.datetime,
     requested_by: str | None = None,
     body_hash: str = "",
+    route: Route = Route.STREAM,
+    event_id: str | None = None,
 ) -> tuple[OrderRecord, Event[Any]]:
     """A new order as the platform takes it in: its first record and its ``order.requested``
-    (correlated by the order id), written together by whoever accepts it."""
+    (correlated by the order id), written together by whoever accepts it. ``route``: which
+    path drives it (``workflow``: a ``trading.place_order`` run)."""
     record = OrderRecord(
         order_id=order_id, client_order_id=client_order_id, portfolio_id=portfolio_id, correlation_id=order_id,
         symbol=symbol, side=side, order_type=order_type, quantity=quantity, price=price,
@@ -302,7 +305,7 @@ def requested_order(
             order_id=order_id, client_order_id=client_order_id, symbol=symbol, side=side, order_type=order_type,
             quantity=quantity, price=price, time_in_force=time_in_force, venue=venue, requested_by=requested_by,
         ),
-        portfolio_id=portfolio_id, correlation_id=order_id, occurred_at=at,
+        portfolio_id=portfolio_id, correlation_id=order_id, occurred_at=at, route=route, event_id=event_id,
     )
     return record, event
 

@@ -47,6 +47,11 @@ class Keys:
         """Who owns shard ``shard`` for ``group`` (exclusive consumers)."""
         return f"{self.namespace}:{{{shard}}}:lease:{group}"
 
+    def version(self, shard: int, group: str) -> str:
+        """A counter of the commits to ``group``'s state in shard ``shard``: the stream stage and
+        a workflow task that change the same state check it, so neither overwrites the other."""
+        return f"{self.namespace}:{{{shard}}}:version:{group}"
+
     def members(self, group: str) -> str:
         """The live members of ``group`` with their heartbeat expiry (exclusive consumers)."""
         return self.global_key("members", group)

@@ -36,6 +36,7 @@ __all__ = [
     "BUS_MESSAGES",
     "BUS_PENDING",
     "BUS_PUBLISHED",
+    "BUS_STATE_CONFLICTS",
     "BUS_RECLAIMED",
     "batch_span",
     "consumer_span",
@@ -72,6 +73,9 @@ BUS_DEAD_LETTERED = Counter(
     "zvt_bus_dead_lettered", "Entries moved to the dead-letter stream", ["stream", "group", "reason"]
 )
 BUS_RECLAIMED = Counter("zvt_bus_reclaimed", "Pending entries claimed from idle consumers", ["stream", "group"])
+BUS_STATE_CONFLICTS = Counter(
+    "zvt_bus_state_conflicts", "Shard batches handled again because a workflow task changed their state meanwhile", ["group"]
+)
 BUS_PUBLISHED = Counter("zvt_bus_published", "Events published", ["stream"])
 BUS_LAG = Gauge("zvt_bus_lag", "Entries not yet delivered to the group", ["stream", "group", "shard"])
 BUS_PENDING = Gauge("zvt_bus_pending", "Entries delivered to the group and not yet acknowledged", ["stream", "group", "shard"])

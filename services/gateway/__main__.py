@@ -19,6 +19,7 @@ from services.core.settings import load
 from services.core.telemetry import get_logger
 from services.gateway.app import Gateway, create_app
 from services.gateway.settings import GatewaySettings
+from services.workflows.settings import HatchetSettings
 
 log = get_logger("zvt.gateway")
 
@@ -33,12 +34,13 @@ class _Server(uvicorn.Server):
 
 def build(service: Service) -> None:
     settings = load(GatewaySettings)
+    hatchet = load(HatchetSettings)
     state: dict[str, Gateway] = {}
     server: dict[str, _Server] = {}
 
     async def start(svc: Service) -> None:
         assert svc.bus is not None
-        gateway = Gateway(svc.bus, settings)
+        gateway = Gateway(svc.bus, settings, hatchet)
         await gateway.start()
         state["gateway"] = gateway
         config = uvicorn.Config(

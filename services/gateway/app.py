@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.core.bus import Bus
 from services.core.events import EventType
 from services.core.hotstate import StateKeys
+from services.core.settings import load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
 from services.gateway.models import (
@@ -50,11 +51,13 @@ from services.gateway.models import (
     decode_body,
     openapi_components,
 )
-from services.gateway.orders import OrderDesk, order_view
+from services.gateway.orders import OrderDesk, Submitted, order_view
 from services.gateway.portfolios import Portfolios
 from services.gateway.problems import FieldError, Problem, field_of, from_problem, problem_response
 from services.gateway.settings import GatewaySettings
 from services.gateway.waiters import Waiters
+from services.gateway.workflows import WorkflowDesk
+from services.workflows.settings import HatchetSettings
 from services.recorder.store import EventStore
 from services.trading.orders import OrderStatus
 
@@ -75,20 +78,21 @@ JSON = "application/json"
 _json = msgspec.json.Encoder().encode
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(_json(body), status_code=status, media_type=JSON)
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json(body), status_code=status, media_type=JSON, headers=headers)
 
 
 class Gateway:
     """What the API's routes share, and its background tasks."""
 
-    def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
+    def __init__(self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None) -> None:
         self.bus = bus
         self.redis = bus.redis
         self.settings = settings
         self.api_keys = ApiKeys(bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s)
         self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s)
         self.portfolios = Portfolios(bus)
+        self.workflows = WorkflowDesk(bus, hatchet or load(HatchetSettings))
         self.waiters = Waiters(
             bus.redis, bus.keys, cluster=bus.cluster, block_ms=settings.wait_block_ms, poll_s=settings.wait_poll_s,
             load=self.desk.load,
@@ -179,6 +183,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def parse_flag(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise Problem.invalid(name, "must be true or false")
+
+
 def parse_wait(raw: str | None) -> float | None:
     if raw is None:
         return None
@@ -247,7 +260,7 @@ class LeanOrders:
 
     def __init__(
         self, app: ASGIApp, *,
-        place: Callable[[str | None, Callable[[], Awaitable[bytes]], str | None], Awaitable[Response]],
+        place: Callable[[str | None, Callable[[], Awaitable[bytes]], str | None, str | None], Awaitable[Response]],
         max_body: int,
     ) -> None:
         self.app = app
@@ -273,6 +286,7 @@ class LeanOrders:
                 carrier[name.decode()] = value.decode("latin-1")
         query = scope["query_string"]
         wait = _query_value(query, "wait") if query else None
+        durable = _query_value(query, "durable") if query else None
         limit = self.max_body
 
         async def read() -> bytes:
@@ -300,7 +314,7 @@ class LeanOrders:
             )
         with span_cm as span:
             try:
-                response = await self.place(authorization, read, wait)
+                response = await self.place(authorization, read, wait, durable)
             except Problem as exc:
                 response = from_problem(exc)
             except Exception:
@@ -454,7 +468,13 @@ def create_app(gw: Gateway) -> FastAPI:
                     "description": "Wait up to this many seconds for a terminal status, then answer with the full order "
                     "(200 if terminal, 202 if not yet).",
                     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
-                }
+                },
+                {
+                    "name": "durable", "in": "query", "required": False,
+                    "description": "`true`: drive the order through the `trading.place_order` Hatchet workflow "
+                    "instead of the streams; the same responses (the run id in `X-Workflow-Run-Id`).",
+                    "schema": {"type": "boolean"},
+                },
             ],
         },
         responses={
@@ -471,10 +491,12 @@ def create_app(gw: Gateway) -> FastAPI:
             request.headers.get("authorization"),
             lambda: read_body(request, settings.max_body_bytes),
             request.query_params.get("wait") if request.scope["query_string"] else None,
+            request.query_params.get("durable") if request.scope["query_string"] else None,
         )
 
     async def place_order(
-        authorization: str | None, read: Callable[[], Awaitable[bytes]], wait_param: str | None
+        authorization: str | None, read: Callable[[], Awaitable[bytes]], wait_param: str | None,
+        durable_param: str | None = None,
     ) -> Response:
         caller = await gw.api_keys.authenticate(authorization)
         caller.require(KeyScope.TRADE)
@@ -482,28 +504,55 @@ def create_app(gw: Gateway) -> FastAPI:
         quantity, price = OrderDesk.validate(body)
         caller.require(KeyScope.TRADE, body.portfolio_id)
         wait = parse_wait(wait_param) if wait_param is not None else None
+        durable = parse_flag(durable_param, "durable") if durable_param is not None else False
+        if durable and not gw.workflows.enabled:
+            raise Problem(503, "workflows_unavailable", "durable orders need the workflow engine, which is not configured")
         if gw.overloaded:
             raise Problem(
                 429, "backpressure", "the order pipeline is behind; retry later",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
-        submitted = await gw.desk.submit(body, quantity, price, caller.key_id)
+        submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
         record = submitted.record
+        headers: dict[str, str] = {}
+        if durable:
+            headers["X-Workflow-Run-Id"] = await start_durable(submitted)
         if wait is not None:
             key = gw.desk.record_key(record.order_id)
             if key is not None:
                 record = await gw.waiters.wait(record.order_id, key, wait) or record
             done = record.is_terminal or not submitted.created
-            return json_response(order_view(record), 200 if done else 202)
+            return json_response(order_view(record), 200 if done else 202, headers)
         if not submitted.created:
-            return json_response(order_view(record), 200)
+            return json_response(order_view(record), 200, headers)
         return json_response(
             OrderAccepted(
                 order_id=record.order_id, client_order_id=record.client_order_id, status=record.status,
                 correlation_id=record.correlation_id,
             ),
             202,
+            headers,
         )
+
+    async def start_durable(submitted: Submitted) -> str:
+        """The run of a durable order: started now, or the one started before. A repeat of an
+        order whose run could not be started (the engine was down) starts it now."""
+        record = submitted.record
+        event = submitted.event
+        if event is None:
+            run_id = await gw.workflows.run_of_order(record)
+            if run_id is not None:
+                return run_id
+            event = OrderDesk.durable_request(record)
+        try:
+            return await gw.workflows.start_order(record, event)
+        except Exception as exc:
+            log.error("could not start trading.place_order", order_id=record.order_id, error=str(exc))
+            raise Problem(
+                503, "workflows_unavailable",
+                f"order {record.order_id} was accepted but its workflow could not be started; "
+                "send the same request again",
+            ) from exc
 
     async def visible_order(caller: Principal, order_id: str) -> Any:
         record = await gw.desk.get(order_id)
@@ -532,6 +581,21 @@ def create_app(gw: Gateway) -> FastAPI:
             raise Problem(409, "order_terminal", f"order {order_id} is already {record.status}")
         await gw.desk.request_cancel(record, caller.key_id)
         return json_response(order_view(record), 202)
+
+    # -- workflows -----------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/workflows/{run_id}", summary="A workflow run: status and result", tags=["workflows"],
+        responses={200: {"description": "The run: `workflow`, `status` (queued, running, completed, failed), "
+                                        "`result` or `error` and `step`"}, **_problems(404)},
+    )
+    async def get_workflow(request: Request, run_id: str = Path(max_length=64)) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.READ)
+        run = await gw.workflows.runs.get(run_id)
+        if run is None or not caller.grants(run.portfolio_id):
+            raise Problem(404, "workflow_run_not_found", f"no workflow run {run_id}")
+        return json_response(run)
 
     # -- portfolios ----------------------------------------------------------------------------
 

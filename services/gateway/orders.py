@@ -18,6 +18,8 @@ from services.core.events import (
     EventType,
     OrderCancelRequested,
     OrderType,
+    Route,
+    derive_event_id,
     utcnow,
 )
 from services.core.redisconn import ScriptBatcher
@@ -57,13 +59,22 @@ return {1}
 class Submitted(msgspec.Struct, frozen=True):
     record: OrderRecord
     created: bool
+    event: Event[Any] | None = None  # the order.requested written, when created
 
 
-def body_hash(body: OrderBody, quantity: Decimal, price: Decimal | None) -> str:
-    """What makes two submissions "the same order": every field, decimals compared by value."""
+DURABLE_REQUEST = "durable-request"
+"""The stage name of a durable order's request id: derived from the order id, so the same
+``order.requested`` can be rebuilt to start its workflow again (the stages' dedupe marks
+then recognise it)."""
+
+
+def body_hash(body: OrderBody, quantity: Decimal, price: Decimal | None, durable: bool = False) -> str:
+    """What makes two submissions "the same order": every field, decimals compared by value,
+    and the path (a durable order and a fast one are different orders)."""
     canon = "|".join((
         body.portfolio_id, body.client_order_id, body.symbol, body.side, body.type,
         str(quantity.normalize()), "" if price is None else str(price.normalize()), body.time_in_force, body.venue or "",
+        *(("durable",) if durable else ()),
     ))
     return hashlib.blake2b(canon.encode(), digest_size=16).hexdigest()
 
@@ -94,17 +105,23 @@ class OrderDesk:
             raise Problem.invalid("price", "is not allowed for market orders")
         return quantity, price
 
-    async def submit(self, body: OrderBody, quantity: Decimal, price: Decimal | None, requested_by: str) -> Submitted:
+    async def submit(
+        self, body: OrderBody, quantity: Decimal, price: Decimal | None, requested_by: str, *, durable: bool = False
+    ) -> Submitted:
+        """Accept the order (or find the one submitted before with its ``client_order_id``).
+        ``durable``: the order is for a ``trading.place_order`` run (route ``workflow``)."""
         keys = self.keys
         p = body.portfolio_id
         shard = keys.shard_of(p)
         order_id = new_order_id(shard)
         now = utcnow()
-        digest = body_hash(body, quantity, price)
+        digest = body_hash(body, quantity, price, durable)
         record, event = requested_order(
             order_id=order_id, portfolio_id=p, client_order_id=body.client_order_id, symbol=body.symbol,
             side=body.side, order_type=body.type, quantity=quantity, price=price, time_in_force=body.time_in_force,
             venue=body.venue, at=now, requested_by=requested_by, body_hash=digest,
+            route=Route.WORKFLOW if durable else Route.STREAM,
+            event_id=derive_event_id(order_id, DURABLE_REQUEST) if durable else None,
         )
         state = keys.state
         reply = await self._submit(
@@ -120,7 +137,7 @@ class OrderDesk:
         )
         outcome = int(reply[0])
         if outcome == 1:
-            return Submitted(record, True)
+            return Submitted(record, True, event)
         if outcome == 0:
             raise Problem(404, "portfolio_not_found", f"portfolio {p} does not exist (create it with PUT /v1/portfolios/{p})")
         existing = load(OrderRecord, reply[2]) if reply[2] else None
@@ -130,6 +147,18 @@ class OrderDesk:
                 f"client_order_id {body.client_order_id} was already used for a different order",
             )
         return Submitted(existing, False)
+
+    @staticmethod
+    def durable_request(record: OrderRecord) -> Event[Any]:
+        """The ``order.requested`` of a durable order, rebuilt from its record (same id)."""
+        _, event = requested_order(
+            order_id=record.order_id, portfolio_id=record.portfolio_id, client_order_id=record.client_order_id,
+            symbol=record.symbol, side=record.side, order_type=record.order_type, quantity=record.quantity,
+            price=record.price, time_in_force=record.time_in_force, venue=record.requested_venue,
+            at=record.created_at, requested_by=record.requested_by, body_hash=record.body_hash,
+            route=Route.WORKFLOW, event_id=derive_event_id(record.order_id, DURABLE_REQUEST),
+        )
+        return event
 
     def record_key(self, order_id: str) -> str | None:
         shard = shard_of_order_id(order_id)

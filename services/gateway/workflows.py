@@ -1,0 +1,52 @@
+"""Starting workflow runs from the API, and answering for them (``GET /v1/workflows/{id}``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.core.bus import Bus
+from services.core.codec import encode
+from services.core.events import Event
+from services.core.hotstate import OrderRecord
+from services.workflows.client import hatchet_client
+from services.workflows.contracts import PLACE_ORDER, PlaceOrderInput
+from services.workflows.runs import RETENTION_S, RunStore
+from services.workflows.settings import HatchetSettings
+
+__all__ = ["WorkflowDesk"]
+
+
+class WorkflowDesk:
+    def __init__(self, bus: Bus, settings: HatchetSettings) -> None:
+        self.bus = bus
+        self.runs = RunStore(bus.redis, bus.keys)
+        self.enabled = settings.token is not None
+        self._place_order: Any = None
+        if self.enabled:
+            hatchet = hatchet_client(settings)
+            # a stub: the worker holds the tasks; this side only starts runs by name and input
+            self._place_order = hatchet.workflow(name=PLACE_ORDER, input_validator=PlaceOrderInput)
+
+    def _order_run_key(self, record: OrderRecord) -> str:
+        keys = self.bus.keys
+        return keys.state(keys.shard_of(record.portfolio_id), "wforder", record.order_id)
+
+    async def run_of_order(self, record: OrderRecord) -> str | None:
+        run_id: Any = await self.bus.redis.get(self._order_run_key(record))
+        return run_id.decode() if isinstance(run_id, bytes) else run_id
+
+    async def start_order(self, record: OrderRecord, event: Event[Any], *, faults: dict[str, int] | None = None) -> str:
+        """Start ``trading.place_order`` for an accepted durable order; its run id.
+        ``faults``: tests only (a worker honours them only with faults enabled)."""
+        existing = await self.run_of_order(record)
+        if existing:
+            return existing
+        ref = await self._place_order.aio_run_no_wait(
+            PlaceOrderInput(portfolio_id=record.portfolio_id, order_id=record.order_id, event=encode(event).decode(),
+                            faults=faults or {}),
+            additional_metadata={"order_id": record.order_id, "portfolio_id": record.portfolio_id},
+        )
+        run_id = str(ref.workflow_run_id)
+        await self.runs.queued(run_id, PLACE_ORDER, record.portfolio_id, record.correlation_id)
+        await self.bus.redis.set(self._order_run_key(record), run_id, ex=RETENTION_S)
+        return run_id

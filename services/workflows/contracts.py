@@ -1,0 +1,37 @@
+"""Names and inputs of the workflows, shared by the worker and the clients that start them
+(the gateway starts runs from a stub of the same name and input, without the task code)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+__all__ = ["PLACE_ORDER", "REBALANCE", "PlaceOrderInput", "RebalanceInput"]
+
+PLACE_ORDER = "trading.place_order"
+REBALANCE = "portfolio.rebalance"
+RISK_MONITOR = "risk.monitor"
+MARKET_DATA = "market_data.process"
+RECONCILE = "orders.reconcile"
+
+
+class PlaceOrderInput(BaseModel):
+    """One order for the durable path: its ``order.requested`` event, as the gateway wrote it
+    (JSON, route ``workflow``), and the portfolio, the concurrency key."""
+
+    portfolio_id: str
+    order_id: str
+    event: str
+    faults: dict[str, int] = Field(
+        default_factory=dict,
+        description="task name -> how many of its attempts fail on purpose (honoured only by a worker "
+        "with ZVT_WORKFLOWS_FAULTS_ENABLED, for tests)",
+    )
+
+
+class RebalanceInput(BaseModel):
+    portfolio_id: str
+    targets: dict[str, str]  # symbol -> target weight of the portfolio's equity (decimal string)
+    quote: str = "USDT"
+    all_or_nothing: bool = False
+    requested_by: str = ""
+    faults: dict[str, int] = Field(default_factory=dict)

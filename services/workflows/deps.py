@@ -1,0 +1,68 @@
+"""What tasks share in a worker process: Redis, the bus, the stages, the run store. Built in
+the worker's own event loop (Hatchet's lifespan) and reached from a task's context."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hatchet_sdk import Context
+
+from services.core.bus import Bus
+from services.core.redisconn import open_redis
+from services.core.settings import BusSettings, CoreSettings, load
+from services.routing.feed import PriceFeed
+from services.routing.settings import RoutingSettings
+from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
+from services.workflows.runs import RunStore
+from services.workflows.settings import WorkflowSettings
+from services.workflows.stages import Stages
+
+__all__ = ["Deps", "InjectedFault", "deps_of", "inject_fault", "make_lifespan"]
+
+
+class InjectedFault(RuntimeError):
+    """A task failing on purpose (``faults`` in a workflow's input, tests only)."""
+
+
+@dataclass
+class Deps:
+    core: CoreSettings
+    settings: WorkflowSettings
+    redis: Any
+    bus: Bus
+    stages: Stages
+    runs: RunStore
+
+
+def deps_of(ctx: Context) -> Deps:
+    deps = ctx.lifespan
+    assert isinstance(deps, Deps), "the worker was started without its lifespan"
+    return deps
+
+
+def inject_fault(deps: Deps, faults: Mapping[str, int], task: str, ctx: Context) -> None:
+    if deps.settings.faults_enabled and ctx.retry_count < faults.get(task, 0):
+        raise InjectedFault(f"{task}: injected fault, attempt {ctx.retry_count + 1}")
+
+
+def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: WorkflowSettings) -> Any:
+    async def lifespan() -> AsyncIterator[Deps]:
+        redis = await open_redis(core)
+        bus = Bus(redis, bus_settings)
+        routing = load(RoutingSettings)
+        stages = Stages(bus, paper_latency_s=routing.paper_latency_ms / 1000)
+        await stages.start()
+        # the marks risk's price band and the paper venue need, where no feed has put any yet
+        feed = PriceFeed(redis, bus.keys, DEFAULT_PRICES, {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
+                         volatility=routing.feed_volatility, seed=routing.feed_seed, owner="workflows")
+        await feed.seed_marks()
+        try:
+            yield Deps(core, settings, redis, bus, stages, RunStore(redis, bus.keys))
+        finally:
+            await redis.aclose()
+
+    return lifespan
+
+

