@@ -1,8 +1,9 @@
 """``python -m services.routing``: route created orders to a venue and report the fills.
 
 Consumes ``order.created`` and ``order.cancel_requested`` as the exclusive group ``routing``
-and trades on the in-process paper venue. One routing process at a time also runs the local
-price feed (marks in Redis).
+and trades on the venues of ``ZVT_ROUTING_VENUES``: the in-process paper venue and/or ccxt
+venues (real exchanges, or the simulated venue servers of the staging profile). One routing
+process at a time also runs the local price feed (marks in Redis).
 """
 
 from __future__ import annotations
@@ -13,21 +14,39 @@ from services.core.marks import Marks
 from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
 from services.routing.feed import PriceFeed
-from services.routing.settings import RoutingSettings
-from services.routing.stage import GROUP, HANDLED, RoutingStage
+from services.routing.settings import RoutingSettings, parse_venues
+from services.routing.stage import GROUP, HANDLED, RoutingStage, VenueHealth
+from services.venues.base import Venue
+from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
 from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES, PaperFaults, PaperVenue
 
 
 def build(service: Service) -> None:
     settings = load(RoutingSettings)
     feeds: list[PriceFeed] = []
+    stages: list[RoutingStage] = []
 
     async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
         keys = service.bus.keys
-        venue = PaperVenue("paper", faults=PaperFaults(latency=settings.paper_latency_ms / 1000))
-        stage = RoutingStage(service.redis, StateKeys(keys), Marks(service.redis, keys), [venue])
+        venues: list[Venue] = []
+        for name, exchange, url in parse_venues(settings.venues):
+            if exchange is None:
+                venues.append(PaperVenue(name, faults=PaperFaults(latency=settings.paper_latency_ms / 1000)))
+                continue
+            config = CcxtVenueConfig(
+                name=name, exchange=exchange, account=settings.ccxt_account, api_url=url,
+                api_key=settings.ccxt_api_key.get_secret_value(), secret=settings.ccxt_secret.get_secret_value(),
+                timeout_s=settings.ccxt_timeout_s, rate_per_s=settings.ccxt_rate_per_s, burst=settings.ccxt_burst,
+                breaker_failures=settings.breaker_failures, breaker_cooldown_s=settings.breaker_cooldown_s,
+            )
+            venues.append(CcxtVenue(config, redis=service.redis, keys=keys))
+        stage = RoutingStage(
+            service.redis, StateKeys(keys), Marks(service.redis, keys), venues,
+            health=VenueHealth(settings.breaker_cooldown_s),
+        )
         await stage.start()
+        stages.append(stage)
         feed = PriceFeed(
             service.redis,
             keys,
@@ -48,8 +67,18 @@ def build(service: Service) -> None:
         while not await service.sleep(interval):
             await feeds[0].step(interval)
 
+    async def run_quotes() -> None:
+        while not await service.sleep(settings.quote_interval_s):
+            if stages:
+                await stages[0].refresh_quotes()
+
+    async def close_clients(service: Service) -> None:
+        await close_shared_clients()
+
     service.stage(GROUP, HANDLED, open_stage)
     service.background(run_feed)
+    service.background(run_quotes)
+    service.on_shutdown(close_clients)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,17 @@ its inputs, one ``order.executed`` per fill, and then what became of the rest:
 
 - market, IOC and FOK orders: whatever did not fill at once expires
   (``order.canceled`` with reason ``expired``);
-- a GTC limit order rests: its remainder is kept in ``resting:<portfolio>`` until a cancel.
-  The local paper venue matches at submission only; resting orders filling later, as the
-  market moves, come with the deeper venue simulation.
+- a GTC limit order rests: it is sent to the venue as IOC and its remainder is kept in
+  ``resting:<portfolio>`` until a cancel (resting orders do not rest at the venue yet, so
+  they never fill later; see ``docs/venues.md``).
+
+Venues: the in-process paper venue and/or ccxt venues (real exchanges or the simulated venue
+servers). A venue whose breaker is open is skipped; a submit that fails without placing the
+order (unreachable, 429/418) opens that venue's breaker and the order is routed again among
+the rest, so it lands once. A submit whose outcome is unknown is resolved by the adapter (lookup
+by client order id); if even that fails the event fails and is delivered again, and the
+intent written before the submit (``route-intent:<order id>``) sends the retry to the same
+venue, where the order is looked up before anything is submitted.
 
 A refused submit becomes ``order.failed``. A cancel for an order routing has not seen yet is
 remembered (``cancel:<order id>``, a day) and applied when the order arrives.
@@ -20,8 +28,11 @@ batch handled again after a crash emits the same ids, which every consumer drops
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -46,7 +57,17 @@ from services.core.telemetry import consumer_span, get_logger
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
 from services.trading.routing import NoVenueAvailable, VenueOption, choose_venue
-from services.venues.base import OrderRejected, VenueOrderRequest, VenueOrderStatus
+from services.venues.base import (
+    InsufficientFunds,
+    OrderNotFound,
+    OrderRejected,
+    RateLimited,
+    Venue,
+    VenueOrder,
+    VenueOrderRequest,
+    VenueOrderStatus,
+    VenueUnavailable,
+)
 from services.venues.paper import PaperVenue
 
 __all__ = ["CANCEL_TTL_S", "GROUP", "HANDLED", "RoutingStage"]
@@ -59,6 +80,49 @@ HANDLED = (EventType.ORDER_CREATED, EventType.ORDER_CANCEL_REQUESTED)
 CANCEL_TTL_S = 86_400
 EXPIRED = "expired"  # the order stage's reason for an expiry (services.order.stage.EXPIRED_REASON)
 _FUNDS = Decimal("1000000000000")
+INTENT_TTL_S = 86_400
+
+
+class VenueHealth:
+    """This process's view of which venues to skip: a local breaker per venue (opened by a
+    failed submit, for ``cooldown_s`` or the venue's Retry-After), and the venue's own shared
+    breaker when it has one (``CcxtVenue.healthy``)."""
+
+    def __init__(self, cooldown_s: float = 5.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._down_until: dict[str, float] = {}
+
+    def trip(self, venue: str, seconds: float | None = None) -> None:
+        self._down_until[venue] = time.monotonic() + (seconds if seconds else self.cooldown_s)
+
+    async def healthy(self, venue: Venue) -> bool:
+        if time.monotonic() < self._down_until.get(venue.name, 0.0):
+            return False
+        check = getattr(venue, "healthy", None)
+        return bool(await check()) if check is not None else True
+
+
+class Quotes:
+    """The best bid and ask of each (venue, symbol), refreshed in the background for remote
+    venues (``refresh``); a paper venue follows the marks, so it needs none."""
+
+    def __init__(self, max_age_s: float = 5.0) -> None:
+        self.max_age_s = max_age_s
+        self._quotes: dict[tuple[str, str], tuple[float, Decimal | None, Decimal | None]] = {}
+
+    def get(self, venue: str, symbol: str) -> tuple[Decimal | None, Decimal | None] | None:
+        entry = self._quotes.get((venue, symbol))
+        if entry is None or time.monotonic() - entry[0] > self.max_age_s:
+            return None
+        return entry[1], entry[2]
+
+    async def refresh(self, venue: Venue, symbols: Sequence[str]) -> None:
+        for symbol in symbols:
+            try:
+                ticker = await venue.ticker(symbol)
+            except Exception:
+                continue  # a stale quote ages out; health is the breaker's business
+            self._quotes[(venue.name, symbol)] = (time.monotonic(), ticker.bid, ticker.ask)
 
 
 @dataclass(slots=True)
@@ -66,6 +130,8 @@ class _Batch:
     resting: dict[tuple[str, str], RestingOrder | None] = field(default_factory=dict)
     cancels: dict[str, bool] = field(default_factory=dict)
     records: dict[str, OrderRecord | None] = field(default_factory=dict)
+    intents: dict[str, str] = field(default_factory=dict)
+    """Order id -> the venue a previous attempt submitted to (outcome unknown)."""
 
 
 class RoutingStage:
@@ -74,24 +140,32 @@ class RoutingStage:
         redis: Any,
         state_keys: StateKeys,
         marks: Marks,
-        venues: list[PaperVenue],
+        venues: Sequence[Venue],
         *,
         clock: Callable[[], dt.datetime] = utcnow,
+        health: VenueHealth | None = None,
+        quotes: Quotes | None = None,
     ) -> None:
         self.redis = redis
         self.reader = StateReader(redis)
         self.sk = state_keys
         self.marks = marks
-        self.venues = {v.name: v for v in venues}
+        self.venues: dict[str, Venue] = {v.name: v for v in venues}
         self.clock = clock
+        self.health = health if health is not None else VenueHealth()
+        self.quotes = quotes if quotes is not None else Quotes()
+        self.reroutes = 0
         self._markets: dict[str, set[str]] = {}
         self._fees: dict[tuple[str, str], Decimal] = {}
 
     async def start(self) -> None:
         for name, venue in self.venues.items():
             markets = await venue.markets()
-            # Balances are risk's business; the paper account never runs dry.
-            venue.fund({asset: _FUNDS for m in markets.values() for asset in (m.base, m.quote)})
+            if isinstance(venue, PaperVenue):
+                # Balances are risk's business; the paper account never runs dry.
+                venue.fund({asset: _FUNDS for m in markets.values() for asset in (m.base, m.quote)})
+            else:
+                await self.quotes.refresh(venue, sorted(markets))
             self._markets[name] = set(markets)
             for symbol, market in markets.items():
                 self._fees[(name, symbol)] = market.taker_fee
@@ -105,6 +179,9 @@ class RoutingStage:
             if event.event_type is EventType.ORDER_CREATED:
                 ops.append(("EXISTS", self.sk.cancel(pid, oid)))
                 asked.append(("cancel", oid))
+                if self._remote:
+                    ops.append(("GET", self._intent_key(pid, oid)))
+                    asked.append(("intent", oid))
             else:
                 ops.append(("HGET", self.sk.resting(pid), oid))
                 asked.append(("resting", (pid, oid)))
@@ -114,23 +191,60 @@ class RoutingStage:
         for (kind, ref), reply in zip(asked, replies, strict=True):
             if kind == "cancel":
                 batch.cancels[ref] = bool(reply)
+            elif kind == "intent":
+                if reply:
+                    batch.intents[ref] = reply.decode() if isinstance(reply, bytes) else str(reply)
             elif kind == "resting":
                 batch.resting[ref] = load(RestingOrder, reply) if reply else None
             else:
                 batch.records[ref] = load(OrderRecord, reply) if reply else None
         return batch
 
+    @property
+    def _remote(self) -> bool:
+        return any(not isinstance(v, PaperVenue) for v in self.venues.values())
+
+    def _intent_key(self, portfolio_id: str, order_id: str) -> str:
+        return self.sk.keys.state(self.sk.shard(portfolio_id), "route-intent", order_id)
+
+    async def refresh_quotes(self) -> None:
+        """One round of quotes from every remote venue (the routing service runs this in the
+        background)."""
+        for name, venue in self.venues.items():
+            if not isinstance(venue, PaperVenue):
+                await self.quotes.refresh(venue, sorted(self._markets.get(name, ())))
+
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         batch = await self.load(items)
+        # Created orders are routed concurrently (remote venues answer in milliseconds);
+        # a cancel waits for the creates before it, so stream order still holds per order.
+        group: list[Coroutine[Any, Any, None]] = []
         for event, commit in items:
+            if event.event_type is EventType.ORDER_CREATED:
+                group.append(self._route_one(event, commit, batch))
+                continue
+            await self._flush(group)
             with consumer_span(event, GROUP):
                 try:
-                    if event.event_type is EventType.ORDER_CREATED:
-                        await self.route(event, commit, batch)
-                    else:
-                        self.cancel(event, commit, batch)
+                    self.cancel(event, commit, batch)
                 except Exception as exc:
                     commit.fail(exc)
+        await self._flush(group)
+
+    @staticmethod
+    async def _flush(group: list[Coroutine[Any, Any, None]]) -> None:
+        if len(group) == 1:
+            await group[0]
+        elif group:
+            await asyncio.gather(*group)
+        group.clear()
+
+    async def _route_one(self, event: Event[Any], commit: Commit, batch: _Batch) -> None:
+        with consumer_span(event, GROUP):
+            try:
+                await self.route(event, commit, batch)
+            except Exception as exc:
+                commit.fail(exc)
 
     async def route(self, event: Event[OrderCreated], commit: Commit, batch: _Batch) -> None:
         order = event.payload
@@ -141,25 +255,7 @@ class RoutingStage:
             batch.cancels[order.order_id] = False
             return
         marks = await self.marks.current()
-        options = [
-            VenueOption(
-                venue=name,
-                healthy=True,
-                lists_symbol=order.symbol in self._markets.get(name, ()),
-                expected_price=marks.get(order.symbol) if order.order_type is OrderType.MARKET else order.price,
-                fee_rate=self._fees.get((name, order.symbol), ZERO),
-            )
-            for name in self.venues
-        ]
-        try:
-            decision = choose_venue(order.symbol, order.side, options, requested_venue=order.venue)
-        except NoVenueAvailable as exc:
-            commit.emit(event.derive(_failed(order, "NO_VENUE", str(exc), None), STAGE))
-            return
-        venue = self.venues[decision.venue]
         mark = marks.get(order.symbol)
-        if mark is not None and venue.mid(order.symbol) != mark:
-            venue.set_price(order.symbol, mark)
         # The venue matches what crosses now; a GTC limit's remainder rests with us.
         rests = order.order_type is OrderType.LIMIT and order.time_in_force is TimeInForce.GTC
         request = VenueOrderRequest(
@@ -171,13 +267,62 @@ class RoutingStage:
             price=order.price,
             time_in_force=TimeInForce.IOC if rests else order.time_in_force,
         )
-        try:
-            placed = await venue.submit(request)
-        except OrderRejected as exc:
-            commit.emit(event.derive(_failed(order, "VENUE_REJECTED", str(exc), venue.name), STAGE))
-            return
-        finally:
-            venue.forget(order.order_id)
+        skipped: dict[str, str] = {}
+        resumed = batch.intents.pop(order.order_id, None)
+        while True:
+            options = [
+                VenueOption(
+                    venue=name,
+                    healthy=name not in skipped and await self.health.healthy(venue),
+                    lists_symbol=order.symbol in self._markets.get(name, ()),
+                    expected_price=self._expected_price(venue, order, mark),
+                    fee_rate=self._fees.get((name, order.symbol), ZERO),
+                )
+                for name, venue in self.venues.items()
+            ]
+            if resumed is not None and resumed in self.venues:
+                options = [dataclasses.replace(o, healthy=True) if o.venue == resumed else o for o in options]
+            try:
+                decision = choose_venue(
+                    order.symbol, order.side, options, requested_venue=resumed if resumed in self.venues else order.venue
+                )
+            except NoVenueAvailable as exc:
+                why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+                commit.emit(event.derive(_failed(order, "NO_VENUE", f"{exc}{' (' + why + ')' if why else ''}", None), STAGE))
+                return
+            venue = self.venues[decision.venue]
+            if isinstance(venue, PaperVenue):
+                if mark is not None and venue.mid(order.symbol) != mark:
+                    venue.set_price(order.symbol, mark)
+            elif resumed is None:
+                # Written before the submit: a crash or an unresolved outcome sends the retry
+                # of this event to the same venue, to look the order up before anything else.
+                await self.redis.set(self._intent_key(pid, order.order_id), decision.venue, ex=INTENT_TTL_S)
+            try:
+                placed = await self._submit(venue, request, resumed=resumed is not None)
+            except (OrderRejected, InsufficientFunds) as exc:
+                code = "INSUFFICIENT_FUNDS" if isinstance(exc, InsufficientFunds) else "VENUE_REJECTED"
+                commit.emit(event.derive(_failed(order, code, str(exc), venue.name), STAGE))
+                self._clear_intent(commit, pid, order.order_id, venue)
+                return
+            except (VenueUnavailable, RateLimited) as exc:
+                # Not placed: skip this venue (its breaker), route again among the others.
+                self.health.trip(venue.name, exc.retry_after if isinstance(exc, RateLimited) else None)
+                skipped[venue.name] = type(exc).__name__
+                resumed = None
+                self.reroutes += 1
+                log.warning("venue failed, rerouting", venue=venue.name, order_id=order.order_id, error=str(exc))
+                continue
+            finally:
+                if isinstance(venue, PaperVenue):
+                    venue.forget(order.order_id)
+            break
+        self._clear_intent(commit, pid, order.order_id, venue)
+        if skipped:
+            decision = dataclasses.replace(
+                decision, reason=f"{decision.reason}; skipped after a failed submit: "
+                + ", ".join(f"{k} ({v})" for k, v in skipped.items())
+            )
         commit.emit(
             event.derive(
                 ExchangeRouted(
@@ -243,6 +388,30 @@ class RoutingStage:
             return
         assert placed.status in (VenueOrderStatus.EXPIRED, VenueOrderStatus.CANCELED, VenueOrderStatus.FILLED)
         commit.emit(event.derive(_canceled(order, cumulative, remaining, EXPIRED), STAGE, index=index + 1))
+
+    def _expected_price(self, venue: Venue, order: OrderCreated, mark: Decimal | None) -> Decimal | None:
+        """What a fill is expected to cost at this venue: the limit price for a limit order;
+        for a market order the venue's touch (ask to buy, bid to sell) from the quotes, or
+        the mark where there is none (the paper venue trades at the mark)."""
+        if order.order_type is not OrderType.MARKET:
+            return order.price
+        quote = self.quotes.get(venue.name, order.symbol)
+        if quote is None:
+            return mark
+        bid, ask = quote
+        return ask if order.side.value == "buy" else bid
+
+    async def _submit(self, venue: Venue, request: VenueOrderRequest, *, resumed: bool) -> VenueOrder:
+        if resumed:
+            try:
+                return await venue.fetch_order(request.symbol, client_order_id=request.client_order_id)
+            except OrderNotFound:
+                pass  # the earlier attempt never landed: submit now
+        return await venue.submit(request)
+
+    def _clear_intent(self, commit: Commit, portfolio_id: str, order_id: str, venue: Venue) -> None:
+        if not isinstance(venue, PaperVenue):
+            commit.write("DEL", self._intent_key(portfolio_id, order_id))
 
     def cancel(self, event: Event[OrderCancelRequested], commit: Commit, batch: _Batch) -> None:
         request = event.payload

@@ -114,6 +114,10 @@ class PaperFaults:
         """The next ``times`` submits raise ``RateLimited`` without placing the order."""
         self._push(times, lambda: _Fault(RateLimited("simulated rate limit", retry_after=retry_after), False))
 
+    def rejected(self, times: int = 1) -> None:
+        """The next ``times`` submits raise ``OrderRejected`` without placing the order."""
+        self._push(times, lambda: _Fault(OrderRejected("simulated rejection"), after_apply=False))
+
     def unknown_outcome(self, times: int = 1) -> None:
         """The next ``times`` submits place the order, then raise ``UnknownOutcome`` as if the
         response had been lost."""
@@ -270,20 +274,17 @@ class PaperVenue:
         self, symbol: str, *, venue_order_id: str | None = None, client_order_id: str | None = None
     ) -> VenueOrder:
         await self._latency()
-        working = self._find(symbol, venue_order_id, client_order_id)
-        if not working.status.is_terminal:
-            self._finish(working, VenueOrderStatus.CANCELED)
-        return working.snapshot(self._name)
+        return self.cancel_now(symbol, venue_order_id=venue_order_id, client_order_id=client_order_id)
 
     async def fetch_order(
         self, symbol: str, *, venue_order_id: str | None = None, client_order_id: str | None = None
     ) -> VenueOrder:
         await self._latency()
-        return self._find(symbol, venue_order_id, client_order_id).snapshot(self._name)
+        return self.find_now(symbol, venue_order_id=venue_order_id, client_order_id=client_order_id)
 
     async def open_orders(self, symbol: str | None = None) -> list[VenueOrder]:
         await self._latency()
-        return [w.snapshot(self._name) for w in self._working(symbol)]
+        return self.open_orders_now(symbol)
 
     async def balances(self) -> dict[str, Balance]:
         await self._latency()
@@ -291,7 +292,7 @@ class PaperVenue:
 
     async def ticker(self, symbol: str) -> Ticker:
         await self._latency()
-        book = self._book(self._market(symbol), 1)
+        book = self.book_now(symbol, 1)
         return Ticker(
             symbol=symbol,
             bid=book.bids[0].price if book.bids else None,
@@ -302,9 +303,44 @@ class PaperVenue:
 
     async def order_book(self, symbol: str, depth: int) -> OrderBook:
         await self._latency()
+        return self.book_now(symbol, depth)
+
+    # -- the same, synchronous and with no latency or faults (the venue server calls these) --
+
+    def markets_now(self) -> dict[str, Market]:
+        return dict(self._markets)
+
+    def submit_now(self, order: VenueOrderRequest) -> VenueOrder:
+        return self._submit(order)
+
+    def cancel_now(
+        self, symbol: str, *, venue_order_id: str | None = None, client_order_id: str | None = None
+    ) -> VenueOrder:
+        working = self._find(symbol, venue_order_id, client_order_id)
+        if not working.status.is_terminal:
+            self._finish(working, VenueOrderStatus.CANCELED)
+        return working.snapshot(self._name)
+
+    def find_now(
+        self, symbol: str, *, venue_order_id: str | None = None, client_order_id: str | None = None
+    ) -> VenueOrder:
+        return self._find(symbol, venue_order_id, client_order_id).snapshot(self._name)
+
+    def open_orders_now(self, symbol: str | None = None) -> list[VenueOrder]:
+        return [w.snapshot(self._name) for w in self._working(symbol)]
+
+    def all_orders_now(self) -> list[VenueOrder]:
+        """Every order still in memory, terminal ones too, oldest first."""
+        return [w.snapshot(self._name) for w in self._orders.values()]
+
+    def book_now(self, symbol: str, depth: int) -> OrderBook:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         return self._book(self._market(symbol), min(depth, self._book_levels))
+
+    def last_now(self, symbol: str) -> Decimal:
+        self._market(symbol)
+        return self._last[symbol]
 
     # -- simulation controls -----------------------------------------------------------------
 
