@@ -18,6 +18,7 @@ ORDERS ?= 200#             what the main job places ...
 PORTFOLIOS ?= 5#           ... across this many portfolios (plus a halted one) ...
 CONCURRENCY ?= 16#         ... this many at a time
 FLEET_STATE ?= .zvt#       the fleet's env files (fleet.env, local.env), pid files and logs
+PROFILE ?= paper#          paper (routing on the in-process paper venue) or staging (three simulated venue servers on 9101-9103, traded through ccxt)
 FLEET = fleet --state-dir $(FLEET_STATE)
 
 .PHONY: help deps up down status test lint bench clean
@@ -32,7 +33,7 @@ up: deps ## start Redis, Redis Cluster, PostgreSQL and every service, then place
 	@$(PY) -m devstack start
 	@echo
 	@$(PY) -m devstack $(FLEET) start --redis $(REDIS) --namespace $(NAMESPACE) \
-		--gateway-port $(GATEWAY_PORT) --webhook-port $(WEBHOOK_PORT)
+		--gateway-port $(GATEWAY_PORT) --webhook-port $(WEBHOOK_PORT) --profile $(PROFILE)
 	@echo
 	env -u ZVT_GATEWAY_URL -u ZVT_API_KEY -u ZVT_WEBHOOK_SINK_URL $(PY) -m services.demo \
 		--env-file $(FLEET_STATE)/local.env --orders $(ORDERS) --portfolios $(PORTFOLIOS) --concurrency $(CONCURRENCY)

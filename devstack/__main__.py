@@ -90,6 +90,11 @@ def fleet_main(argv: Sequence[str]) -> int:
     start.add_argument("--gateway-port", type=int, default=8080, help="port of the public API (default 8080)")
     start.add_argument("--webhook-port", type=int, default=8081,
                        help="port of the local webhook receiver the notifications service posts to (default 8081)")
+    start.add_argument("--profile", choices=("paper", "staging"), default="paper",
+                       help="paper: routing trades on the in-process paper venue (default); staging: three simulated "
+                            "venue servers (Binance spot API) and routing trading on them through ccxt")
+    start.add_argument("--venue-port", type=int, default=9101,
+                       help="staging: the first simulated venue's port; the others follow (default 9101)")
     args = parser.parse_args(argv)
 
     state_dir = args.state_dir.resolve()
@@ -101,6 +106,8 @@ def fleet_main(argv: Sequence[str]) -> int:
                 print(line)
         elif args.command == "stop":
             lines = fleet.stop_detached(list(reversed(names)))
+            if not args.only:
+                lines += fleet.stop_venues_detached()
             for line in lines or ["fleet: nothing was running"]:
                 print(line)
         else:
@@ -137,6 +144,12 @@ def start_fleet(args: argparse.Namespace, state_dir: Path, names: Sequence[str],
               "set -a; . .zvt/local.env; set +a")
     check_reachable(env)
     check_ports_free(env, [n for n in names if n not in running])
+    if getattr(args, "profile", "paper") == "staging":
+        venues, venue_lines = fleet.start_venues_detached(args.venue_port, state_dir / "logs")
+        lines += venue_lines
+        env["ZVT_ROUTING_VENUES"] = venues
+        write_env(fleet_file, env, "The environment of every service of the local fleet; rewritten by "
+                  "`python -m devstack fleet start` (make up). Override a setting by exporting it before `make up`.")
     lines += start_detached(env, names, state_dir)
     if "gateway" in names:
         lines.append(f"gateway: {local['ZVT_GATEWAY_URL']}  (admin API key: ZVT_API_KEY in {_show(local_file)})")

@@ -21,7 +21,10 @@ from pathlib import Path
 
 from devstack.stack import ROOT, STATE_DIR, DevstackError, _pid_alive, _read_pidfile, _tail, _wait_dead
 
-__all__ = ["PIPELINE", "SERVICES", "Fleet", "Proc", "logged", "status_detached", "stop_detached"]
+__all__ = [
+    "PIPELINE", "SERVICES", "STAGING_VENUES", "Fleet", "Proc", "logged", "start_venue", "start_venues_detached",
+    "status_detached", "stop_detached", "stop_venues_detached", "venues_setting",
+]
 
 PIPELINE = ("risk", "order", "routing", "portfolio")
 """The stages an order passes through, in order."""
@@ -198,4 +201,76 @@ def status_detached(names: Iterable[str] = SERVICES) -> list[str]:
         pid = _read_pidfile(FLEET_DIR / f"{name}.pid")
         alive = pid is not None and _pid_alive(pid, f"services.{name}")
         lines.append(f"{name:14} {'running (pid %d)' % pid if alive and pid else 'stopped'}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated venue servers (the staging profile, venue tests)
+
+STAGING_VENUES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sima", ("--price-scale", "1.0000", "--maker-fee", "0.0008", "--taker-fee", "0.0010", "--seed", "1")),
+    ("simb", ("--price-scale", "0.9997", "--maker-fee", "0.0010", "--taker-fee", "0.0015", "--seed", "2")),
+    ("simc", ("--price-scale", "1.0002", "--maker-fee", "0.0002", "--taker-fee", "0.0005", "--seed", "3")),
+)
+"""Three venues with different prices and fees: sima is the reference, simb quotes lower with
+dearer fees, simc higher with cheaper fees (which wins depends on side and fee)."""
+VENUE_MARKER = "services.venues.sim"
+
+
+def start_venue(name: str, port: int, log_dir: Path, args: Iterable[str] = (), *, python: str = sys.executable,
+                host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start ``python -m services.venues.sim --name NAME --port PORT ...`` and wait until it
+    listens (its ``ready`` line). The caller stops it (SIGTERM)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"venue-{name}.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            [python, "-m", VENUE_MARKER, "--name", name, "--host", host, "--port", str(port), *args],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise DevstackError(f"venue {name} exited with {popen.returncode}:\n{_tail(log, 30)}")
+        if f"ready {name} " in log.read_text(errors="replace"):
+            return popen
+        time.sleep(0.05)
+    popen.kill()
+    raise DevstackError(f"venue {name} did not listen on {host}:{port} within {timeout}s:\n{_tail(log, 30)}")
+
+
+def venues_setting(venues: Iterable[tuple[str, int]], host: str = "127.0.0.1") -> str:
+    """``ZVT_ROUTING_VENUES`` for simulated venue servers, traded through ccxt's binance client."""
+    return ",".join(f"{name}=binance@http://{host}:{port}" for name, port in venues)
+
+
+def start_venues_detached(base_port: int, log_dir: Path) -> tuple[str, list[str]]:
+    """The staging venues as detached processes with pid files (``venue-<name>.pid``);
+    returns (``ZVT_ROUTING_VENUES``, report lines)."""
+    FLEET_DIR.mkdir(parents=True, exist_ok=True)
+    lines, placed = [], []
+    for i, (name, args) in enumerate(STAGING_VENUES):
+        port = base_port + i
+        placed.append((name, port))
+        pidfile = FLEET_DIR / f"venue-{name}.pid"
+        pid = _read_pidfile(pidfile)
+        if pid is not None and _pid_alive(pid, VENUE_MARKER):
+            lines.append(f"venue {name:8} already running (pid {pid})")
+            continue
+        popen = start_venue(name, port, log_dir, args)
+        pidfile.write_text(str(popen.pid))
+        lines.append(f"venue {name:8} started (pid {popen.pid}, http://127.0.0.1:{port}, Binance spot API)")
+    return venues_setting(placed), lines
+
+
+def stop_venues_detached(timeout: float = 10.0) -> list[str]:
+    lines = []
+    for pidfile in sorted(FLEET_DIR.glob("venue-*.pid")):
+        pid = _read_pidfile(pidfile)
+        if pid is not None and _pid_alive(pid, VENUE_MARKER):
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_dead(pid, timeout):
+                os.kill(pid, signal.SIGKILL)
+            lines.append(f"{pidfile.stem:14} stopped")
+        pidfile.unlink(missing_ok=True)
     return lines
