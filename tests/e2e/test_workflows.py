@@ -7,6 +7,7 @@ completes on a second worker with no duplicate order or fill."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -160,3 +161,37 @@ async def test_retries_exhausted_fail_the_order_and_release_its_reservation(dura
     while "workflow.failed" not in [e["event"]["event_type"] for e in await durable.client.events(order_id)]:
         assert time.monotonic() < deadline, "no workflow.failed recorded"
         await asyncio.sleep(0.3)
+
+
+async def test_worker_killed_mid_place_order_completes_on_a_second_worker_without_duplicates(durable: Durable) -> None:
+    d = durable
+    await d.client.put_portfolio("pf-k", balances=FUNDS)
+    # a second worker whose venue is slow, so the run is caught inside execute_order
+    d.fleet.kill("workflows", signal.SIGTERM)  # gracefully: the engine stops assigning to it
+    slow = d.fleet.start(["workflows"], env={"ZVT_ROUTING_PAPER_LATENCY_MS": "4000"})[0]
+    order_id, run_id = await start_with_faults(d, "pf-k", {})
+    deadline = time.monotonic() + 60
+    while (await d.client.get_order(order_id)).status != "created":
+        assert time.monotonic() < deadline, "the run never reached execute_order"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # inside the venue call
+    d.fleet.kill("workflows")
+    assert not slow.alive
+    d.fleet.start(["workflows"])  # a healthy worker takes the run over
+    run = await finished_run(d, run_id, timeout=150)
+    assert run["status"] == "completed", run
+    got = await d.client.get_order(order_id)
+    assert got.status == "filled" and len(got.fills) == 1 and got.filled_quantity == D("0.01")
+    positions = {p["symbol"]: p for p in await d.client.positions("pf-k")}
+    assert D(positions["BTC/USDT"]["quantity"]) == D("0.01")
+    assert await reservations(d, "pf-k") == {}
+    # one order.executed per fill id, in the stream the portfolio reads
+    deadline = time.monotonic() + 30
+    while True:
+        trail = [e["event"] for e in await d.client.events(order_id)]
+        if any(e["event_type"] == "workflow.completed" for e in trail) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    fills = [e["payload"]["fill_id"] for e in trail if e["event_type"] == "order.executed"]
+    assert len(fills) == len(set(fills)) == 1
+    assert sum(e["event_type"] == "order.created" for e in trail) == 1
