@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from devstack import fleet, stack
+from devstack import fleet, hatchet, stack
 from devstack.envfile import read_env, write_env
 
 WEBHOOKS = "demo.webhooks"
@@ -173,6 +173,7 @@ def fleet_environment(
         "ZVT_RECORDER_POSTGRES_DSN": stack.POSTGRES_DSN,
         "ZVT_GATEWAY_POSTGRES_DSN": stack.POSTGRES_DSN,
         "ZVT_GATEWAY_HOST": stack.HOST,
+        **hatchet.fleet_env(),  # the engine's address and token, when it runs
         "ZVT_DEMO_WEBHOOKS_HOST": stack.HOST,
         "ZVT_DEMO_WEBHOOKS_FILE": str(state_dir / "logs" / "webhooks.jsonl"),
         **{k: v for k, v in environ.items() if k.startswith("ZVT_") and k not in CLIENT_ONLY},

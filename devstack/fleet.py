@@ -28,7 +28,7 @@ __all__ = [
 
 PIPELINE = ("risk", "order", "routing", "portfolio")
 """The stages an order passes through, in order."""
-SERVICES = (*PIPELINE, "recorder", "notifications", "gateway")
+SERVICES = (*PIPELINE, "recorder", "notifications", "gateway", "workflows")
 """Every service of the local fleet."""
 
 FLEET_DIR = STATE_DIR / "fleet"

@@ -30,6 +30,7 @@ __all__ = [
     "METRICS_PORT",
     "TENANT_ID",
     "client_env",
+    "fleet_env",
     "ensure_hatchet",
     "hatchet_status",
     "stop_hatchet",
@@ -193,6 +194,13 @@ def client_env() -> dict[str, str]:
         "HATCHET_CLIENT_TLS_STRATEGY": "none",
         "HATCHET_CLIENT_SERVER_URL": f"http://{HOST}:18888",
     }
+
+
+def fleet_env() -> dict[str, str]:
+    """The ``ZVT_HATCHET_*`` settings of the local fleet (empty before the engine's first start)."""
+    if not _token_file().exists():
+        return {}
+    return {"ZVT_HATCHET_TOKEN": token(), "ZVT_HATCHET_HOST_PORT": f"{HOST}:{GRPC_PORT}", "ZVT_HATCHET_TLS_STRATEGY": "none"}
 
 
 def stop_hatchet() -> None:

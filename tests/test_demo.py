@@ -98,13 +98,16 @@ def test_balances_when_computed_cover_every_order_of_the_portfolio() -> None:
 
 
 @pytest.fixture
-def demo_fleet(redis_single_url: str, postgres_dsn: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+def demo_fleet(redis_single_url: str, postgres_dsn: str, hatchet_env: dict[str, str],
+               tmp_path: Path) -> Iterator[dict[str, str]]:
     """Every service and the webhook receiver as processes, with the environment `make up`
     writes, on the single Redis in a namespace of their own and free ports."""
     namespace = f"demo{uuid.uuid4().hex[:8]}"
     options = argparse.Namespace(redis="single", namespace=namespace, gateway_port=_free_port(),
                                  webhook_port=_free_port())
     env, local = fleet_environment(options, tmp_path, {}, {}, {})
+    assert env["ZVT_HATCHET_TOKEN"] == hatchet_env["ZVT_HATCHET_TOKEN"]  # make up's worker finds the engine
+    env["ZVT_HATCHET_NAMESPACE"] = f"{namespace}_"
     fleet = Fleet(env, log_dir=tmp_path / "logs")
     try:
         fleet.start(FLEET_NAMES)

@@ -173,6 +173,7 @@ DOCUMENTED_MODULES = (
     "services.routing.settings",
     "services.notifications.settings",
     "services.gateway.settings",
+    "services.workflows.settings",
 )
 
 

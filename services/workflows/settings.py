@@ -40,14 +40,6 @@ class WorkflowSettings(BaseSettings):
     portfolio_concurrency: int = Field(
         1, ge=1, le=100, description="`trading.place_order` runs at once per portfolio (the concurrency key)."
     )
-    risk_monitor_cron: str = Field("* * * * *", description="When `risk.monitor` runs (cron, UTC); empty: never by schedule.")
-    reconcile_cron: str = Field("*/5 * * * *", description="When `orders.reconcile` runs (cron, UTC); empty: never by schedule.")
-    max_drawdown: float = Field(
-        0.2, gt=0, lt=1, description="`risk.monitor`: drawdown from a portfolio's peak equity that halts it."
-    )
-    reducing_drawdown: float = Field(
-        0.1, gt=0, lt=1, description="`risk.monitor`: drawdown that moves a portfolio to REDUCING."
-    )
     faults_enabled: bool = Field(
         False, description="Honour the `faults` field of workflow inputs (tests only: makes tasks fail on purpose)."
     )
