@@ -184,15 +184,21 @@ def _started_port(log: Path) -> int | None:
 def stop_detached(names: Iterable[str] = SERVICES, timeout: float = 30.0) -> list[str]:
     lines = []
     for name in names:
-        pidfile = FLEET_DIR / f"{name}.pid"
-        pid = _read_pidfile(pidfile)
-        if pid is not None and _pid_alive(pid, f"services.{name}"):
-            os.kill(pid, signal.SIGTERM)
-            if not _wait_dead(pid, timeout):
-                os.kill(pid, signal.SIGKILL)
+        if _stop_pidfile(FLEET_DIR / f"{name}.pid", f"services.{name}", timeout):
             lines.append(f"{name:14} stopped")
-        pidfile.unlink(missing_ok=True)
     return lines
+
+
+def _stop_pidfile(pidfile: Path, marker: str, timeout: float) -> bool:
+    """SIGTERM (then SIGKILL) the process a pid file names, if it is still ours; True if one ran."""
+    pid = _read_pidfile(pidfile)
+    ran = pid is not None and _pid_alive(pid, marker)
+    if pid is not None and ran:
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_dead(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    return ran
 
 
 def status_detached(names: Iterable[str] = SERVICES) -> list[str]:
@@ -266,11 +272,6 @@ def start_venues_detached(base_port: int, log_dir: Path) -> tuple[str, list[str]
 def stop_venues_detached(timeout: float = 10.0) -> list[str]:
     lines = []
     for pidfile in sorted(FLEET_DIR.glob("venue-*.pid")):
-        pid = _read_pidfile(pidfile)
-        if pid is not None and _pid_alive(pid, VENUE_MARKER):
-            os.kill(pid, signal.SIGTERM)
-            if not _wait_dead(pid, timeout):
-                os.kill(pid, signal.SIGKILL)
+        if _stop_pidfile(pidfile, VENUE_MARKER, timeout):
             lines.append(f"{pidfile.stem:14} stopped")
-        pidfile.unlink(missing_ok=True)
     return lines
