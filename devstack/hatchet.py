@@ -92,6 +92,10 @@ def _engine_env() -> dict[str, str]:
         "SERVER_LOGGER_FORMAT": "console",
         "DATABASE_LOGGER_LEVEL": "error",
         "SERVER_ANALYTICS_POSTHOG_ENABLED": "false",
+        # runs with a concurrency key (trading.place_order's portfolio) wait for this poller;
+        # its default floor of 500 ms would dominate an order's latency
+        "SCHEDULER_CONCURRENCY_POLLING_MIN_INTERVAL": "10ms",
+        "SCHEDULER_CONCURRENCY_POLLING_MAX_INTERVAL": "250ms",
     })
     return env
 

@@ -78,6 +78,7 @@ def http_fleet(
     shards: int = 4,
     log_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
+    services: tuple[str, ...] = SERVICES,
 ) -> Iterator[HttpFleet]:
     redis_url = redis_url or stack.ensure_single()
     postgres_dsn = postgres_dsn or stack.ensure_postgres()
@@ -104,7 +105,7 @@ def http_fleet(
     fleet = Fleet(full_env, log_dir=logs, start_timeout=60)
     url = f"http://127.0.0.1:{port}"
     try:
-        fleet.start(SERVICES)
+        fleet.start(services)
         _wait_ready(url, 30)
         yield HttpFleet(url, admin_key, namespace, redis_url, fleet, logs)
     finally:

@@ -80,6 +80,12 @@ class _Calls:
         return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params or None)
 
     @staticmethod
+    def rebalance(portfolio_id: str, targets: Mapping[str, Decimal | str], all_or_nothing: bool) -> _Call[str]:
+        body = {"targets": {k: str(v) for k, v in targets.items()}, "all_or_nothing": all_or_nothing}
+        return _Call("POST", f"/v1/portfolios/{_seg(portfolio_id)}/rebalance", lambda r: str(r.json()["run_id"]),
+                     json=body)
+
+    @staticmethod
     def workflow(run_id: str) -> _Call[dict[str, Any]]:
         return _Call("GET", f"/v1/workflows/{_seg(run_id)}", lambda r: dict(r.json()))
 
@@ -171,6 +177,10 @@ class Client:
         """A workflow run: status and result."""
         return self._run(_Calls.workflow(run_id))
 
+    def rebalance(self, portfolio_id: str, targets: Mapping[str, Decimal | str], *, all_or_nothing: bool = False) -> str:
+        """Start ``portfolio.rebalance``; its run id (follow it with ``workflow``)."""
+        return self._run(_Calls.rebalance(portfolio_id, targets, all_or_nothing))
+
     def get_order(self, order_id: str) -> OrderResult:
         return self._run(_Calls.get_order(order_id))
 
@@ -234,6 +244,11 @@ class AsyncClient:
 
     async def workflow(self, run_id: str) -> dict[str, Any]:
         return await self._run(_Calls.workflow(run_id))
+
+    async def rebalance(self, portfolio_id: str, targets: Mapping[str, Decimal | str], *,
+                        all_or_nothing: bool = False) -> str:
+        """Start ``portfolio.rebalance``; its run id (follow it with ``workflow``)."""
+        return await self._run(_Calls.rebalance(portfolio_id, targets, all_or_nothing))
 
     async def get_order(self, order_id: str) -> OrderResult:
         return await self._run(_Calls.get_order(order_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from decimal import Decimal
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -45,9 +46,11 @@ from services.gateway.models import (
     OrdersPage,
     PortfolioBody,
     Readiness,
+    RebalanceBody,
     Scope as KeyScope,
     StoredEventView,
     TradingStateBody,
+    WorkflowRunAccepted,
     decode_body,
     openapi_components,
 )
@@ -57,6 +60,7 @@ from services.gateway.problems import FieldError, Problem, field_of, from_proble
 from services.gateway.settings import GatewaySettings
 from services.gateway.waiters import Waiters
 from services.gateway.workflows import WorkflowDesk
+from services.workflows.contracts import REBALANCE, RebalanceInput
 from services.workflows.settings import HatchetSettings
 from services.recorder.store import EventStore
 from services.trading.orders import OrderStatus
@@ -596,6 +600,34 @@ def create_app(gw: Gateway) -> FastAPI:
         if run is None or not caller.grants(run.portfolio_id):
             raise Problem(404, "workflow_run_not_found", f"no workflow run {run_id}")
         return json_response(run)
+
+    @app.post(
+        "/v1/portfolios/{portfolio_id}/rebalance", status_code=202, summary="Start a rebalance (workflow)",
+        tags=["workflows"],
+        openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": _ref("RebalanceBody")}}}},
+        responses={202: _ok("Started; follow it at /v1/workflows/{run_id}", "WorkflowRunAccepted"), **_problems(404)},
+    )
+    async def rebalance(request: Request, portfolio_id: str = Path(pattern=ID_PATTERN)) -> Response:
+        caller = await principal(request)
+        caller.require(KeyScope.TRADE, portfolio_id)
+        body = decode_body(await read_body(request, settings.max_body_bytes), RebalanceBody)
+        total = Decimal(0)
+        for symbol, raw in body.targets.items():
+            weight = Decimal(raw)
+            if not 0 <= weight <= 1:
+                raise Problem.invalid(f"targets.{symbol}", "must be between 0 and 1")
+            total += weight
+        if total > 1:
+            raise Problem.invalid("targets", "weights add up to more than 1")
+        if not gw.workflows.enabled:
+            raise Problem(503, "workflows_unavailable", "rebalancing needs the workflow engine, which is not configured")
+        if await gw.portfolios.get(portfolio_id) is None:
+            raise Problem(404, "portfolio_not_found", f"no portfolio {portfolio_id}")
+        run_id = await gw.workflows.start_rebalance(RebalanceInput(
+            portfolio_id=portfolio_id, targets=dict(body.targets), quote=body.quote,
+            all_or_nothing=body.all_or_nothing, requested_by=caller.key_id,
+        ))
+        return json_response(WorkflowRunAccepted(run_id=run_id, workflow=REBALANCE, status="queued"), 202)
 
     # -- portfolios ----------------------------------------------------------------------------
 

@@ -91,6 +91,21 @@ class PortfolioBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     limits: LimitsBody | None = None
 
 
+class RebalanceBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Target weights of the portfolio's equity (in `quote`), by symbol; they add up to 1 at most,
+    the rest stays in `quote`. `all_or_nothing`: if a child order fails, unwind the filled ones."""
+
+    targets: Annotated[dict[Symbol, DecimalString], msgspec.Meta(min_length=1, max_length=64)]
+    quote: Asset = "USDT"
+    all_or_nothing: bool = False
+
+
+class WorkflowRunAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    workflow: str
+    status: str
+
+
 class TradingStateBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     state: TradingState
 
@@ -274,7 +289,7 @@ def openapi_components() -> dict[str, Any]:
     """JSON schemas of every body, for ``components.schemas`` of the OpenAPI document."""
     _, components = msgspec.json.schema_components(
         [
-            OrderBody, PortfolioBody, TradingStateBody, ApiKeyBody, OrderAccepted, OrderView, OrdersPage,
+            OrderBody, PortfolioBody, RebalanceBody, WorkflowRunAccepted, TradingStateBody, ApiKeyBody, OrderAccepted, OrderView, OrdersPage,
             PortfolioView, PositionsView, ApiKeyCreated, EventsPage, ProblemBody, Health, Readiness,
         ],
         ref_template="#/components/schemas/{name}",

@@ -9,7 +9,7 @@ from services.core.codec import encode
 from services.core.events import Event
 from services.core.hotstate import OrderRecord
 from services.workflows.client import hatchet_client
-from services.workflows.contracts import PLACE_ORDER, PlaceOrderInput
+from services.workflows.contracts import PLACE_ORDER, REBALANCE, PlaceOrderInput, RebalanceInput
 from services.workflows.runs import RETENTION_S, RunStore
 from services.workflows.settings import HatchetSettings
 
@@ -26,6 +26,7 @@ class WorkflowDesk:
             hatchet = hatchet_client(settings)
             # a stub: the worker holds the tasks; this side only starts runs by name and input
             self._place_order = hatchet.workflow(name=PLACE_ORDER, input_validator=PlaceOrderInput)
+            self._rebalance: Any = hatchet.workflow(name=REBALANCE, input_validator=RebalanceInput)
 
     def _order_run_key(self, record: OrderRecord) -> str:
         keys = self.bus.keys
@@ -49,4 +50,10 @@ class WorkflowDesk:
         run_id = str(ref.workflow_run_id)
         await self.runs.queued(run_id, PLACE_ORDER, record.portfolio_id, record.correlation_id)
         await self.bus.redis.set(self._order_run_key(record), run_id, ex=RETENTION_S)
+        return run_id
+
+    async def start_rebalance(self, request: RebalanceInput) -> str:
+        ref = await self._rebalance.aio_run_no_wait(request, additional_metadata={"portfolio_id": request.portfolio_id})
+        run_id = str(ref.workflow_run_id)
+        await self.runs.queued(run_id, REBALANCE, request.portfolio_id, run_id)
         return run_id

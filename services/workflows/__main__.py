@@ -20,6 +20,7 @@ from services.core.telemetry import get_logger, setup_logging, setup_tracing
 from services.workflows.client import hatchet_client
 from services.workflows.deps import make_lifespan
 from services.workflows.place_order import define_place_order
+from services.workflows.rebalance import define_rebalance
 from services.workflows.settings import HatchetSettings, WorkflowSettings
 
 NAME = "workflows"
@@ -54,10 +55,10 @@ def main() -> None:
     port = core.http_port or _free_port(core.http_host)
     health = HealthcheckConfig(enabled=True, port=port, bind_address=core.http_host)
     hatchet = hatchet_client(hatchet_settings, health=health)
-    workflows: list[Any] = [define_place_order(hatchet, settings.portfolio_concurrency)]
+    workflows: list[Any] = [define_place_order(hatchet, settings.portfolio_concurrency), define_rebalance(hatchet)]
     worker = hatchet.worker(
         settings.worker_name, slots=settings.slots, workflows=workflows,
-        lifespan=make_lifespan(core, bus_settings, settings),
+        lifespan=make_lifespan(core, bus_settings, settings, hatchet),
     )
     log.info("service started", http_port=port, workflows=[w.name for w in workflows], slots=settings.slots,
              engine=hatchet_settings.host_port)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hatchet_sdk import Context
+from hatchet_sdk import Context, Hatchet
 
 from services.core.bus import Bus
 from services.core.redisconn import open_redis
@@ -15,6 +15,7 @@ from services.core.settings import BusSettings, CoreSettings, load
 from services.routing.feed import PriceFeed
 from services.routing.settings import RoutingSettings
 from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
+from services.workflows.bridge import bridge_consumer
 from services.workflows.runs import RunStore
 from services.workflows.settings import WorkflowSettings
 from services.workflows.stages import Stages
@@ -47,7 +48,7 @@ def inject_fault(deps: Deps, faults: Mapping[str, int], task: str, ctx: Context)
         raise InjectedFault(f"{task}: injected fault, attempt {ctx.retry_count + 1}")
 
 
-def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: WorkflowSettings) -> Any:
+def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: WorkflowSettings, hatchet: Hatchet) -> Any:
     async def lifespan() -> AsyncIterator[Deps]:
         redis = await open_redis(core)
         bus = Bus(redis, bus_settings)
@@ -58,9 +59,13 @@ def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: Workf
         feed = PriceFeed(redis, bus.keys, DEFAULT_PRICES, {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
                          volatility=routing.feed_volatility, seed=routing.feed_seed, owner="workflows")
         await feed.seed_marks()
+        bridge = bridge_consumer(bus, hatchet)
+        await bridge.start()
         try:
             yield Deps(core, settings, redis, bus, stages, RunStore(redis, bus.keys))
         finally:
+            bridge.stop()
+            await bridge.wait(5)
             await redis.aclose()
 
     return lifespan

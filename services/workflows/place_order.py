@@ -14,6 +14,7 @@ a venue (``order.failed``), which releases what risk had reserved, and emits
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from hatchet_sdk import ConcurrencyExpression, ConcurrencyLimitStrategy, Context, Hatchet
@@ -49,8 +50,10 @@ def _events(output: Any) -> list[Event[Any]]:
     return [decode_any(e.encode()) for e in output["events"]]
 
 
-def _out(events: list[Event[Any]], **extra: Any) -> dict[str, Any]:
-    return {"events": [encode(e).decode() for e in events], **extra}
+def _out(events: list[Event[Any]], started: float) -> dict[str, Any]:
+    """A task's output: the events it emitted, and how long its body took (benchmarks split a
+    run's latency into task bodies and the engine's dispatch between them)."""
+    return {"events": [encode(e).decode() for e in events], "ms": round((time.perf_counter() - started) * 1000, 3)}
 
 
 async def _record(deps: Deps, event: Event[Any]) -> OrderRecord | None:
@@ -82,6 +85,7 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
 
     @wf.task(execution_timeout=dt.timedelta(seconds=5), schedule_timeout=dt.timedelta(seconds=30))
     async def validate_request(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "validate_request", ctx)
         event = decode_any(input.event.encode())
@@ -97,29 +101,32 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
             WorkflowStarted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, input={"order_id": input.order_id}),
             STAGE,
         ))
-        return _out([event])
+        return _out([event], started)
 
     @wf.task(parents=[validate_request], execution_timeout=dt.timedelta(seconds=10), retries=3,
              backoff_factor=2.0, backoff_max_seconds=5)
     async def check_risk_limits(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "check_risk_limits", ctx)
         (requested,) = _events(ctx.task_output(validate_request))
-        return _out(await _stage(deps.stages.run("risk", deps.stages.risk.handle, requested)))
+        return _out(await _stage(deps.stages.run("risk", deps.stages.risk.handle, requested)), started)
 
     @wf.task(parents=[check_risk_limits], execution_timeout=dt.timedelta(seconds=5), retries=3)
     async def create_order_record(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "create_order_record", ctx)
         emitted: list[Event[Any]] = []
         for event in _events(ctx.task_output(check_risk_limits)):
             if event.event_type in (EventType.ORDER_VALIDATED, EventType.ORDER_REJECTED):
                 emitted += await _stage(deps.stages.run("order", deps.stages.order.handle, event))
-        return _out(emitted)
+        return _out(emitted, started)
 
     @wf.task(parents=[create_order_record], execution_timeout=dt.timedelta(seconds=15), retries=3,
              backoff_factor=2.0, backoff_max_seconds=5)
     async def execute_order(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "execute_order", ctx)
         emitted: list[Event[Any]] = []
@@ -127,10 +134,11 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
             if event.event_type is EventType.ORDER_CREATED:
                 # never blindly twice: a retry after the commit gets the first outcome back
                 emitted += await _stage(deps.stages.run("routing", deps.stages.routing.handle, event))
-        return _out(emitted)
+        return _out(emitted, started)
 
     @wf.task(parents=[execute_order], execution_timeout=dt.timedelta(seconds=10), retries=3)
     async def update_portfolio(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "update_portfolio", ctx)
         stages = deps.stages
@@ -146,6 +154,11 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
         record = await _record(deps, requested)
         assert record is not None
         result = _summary(record)
+        earlier = {"validate_request": validate_request, "check_risk_limits": check_risk_limits,
+                   "create_order_record": create_order_record, "execute_order": execute_order}
+        task_ms = {name: ctx.task_output(task)["ms"] for name, task in earlier.items()}
+        task_ms["update_portfolio"] = round((time.perf_counter() - started) * 1000, 3)
+        result["task_ms"] = task_ms
         await deps.runs.completed(ctx.workflow_run_id, result)
         await deps.bus.publish(requested.derive(
             WorkflowCompleted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, result=result), STAGE, index=1,

@@ -58,7 +58,8 @@ async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env
         ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_WORKFLOWS_SLOTS="20", ZVT_WORKFLOWS_WORKER_NAME=f"{namespace}-w",
     )
     fleet = Fleet(env, log_dir=tmp_path / "logs", start_timeout=60)
-    procs = fleet.start(["recorder", "gateway", "workflows"])
+    # the stream stages too: a rebalance's children go by the fast path
+    procs = fleet.start(["risk", "order", "routing", "portfolio", "recorder", "gateway", "workflows"])
     gateway = next(p for p in procs if p.name == "gateway")
     port = await asyncio.to_thread(logged, gateway, "gateway listening", "port")
     client = AsyncClient(f"http://127.0.0.1:{port}", ADMIN)
@@ -195,3 +196,45 @@ async def test_worker_killed_mid_place_order_completes_on_a_second_worker_withou
     fills = [e["payload"]["fill_id"] for e in trail if e["event_type"] == "order.executed"]
     assert len(fills) == len(set(fills)) == 1
     assert sum(e["event_type"] == "order.created" for e in trail) == 1
+
+
+async def positions_of(d: Durable, pid: str) -> dict[str, Decimal]:
+    return {p["symbol"]: D(p["quantity"]) for p in await d.client.positions(pid)}
+
+
+async def test_rebalance_places_children_waits_for_them_and_records_portfolio_rebalanced(durable: Durable) -> None:
+    c = durable.client
+    await c.put_portfolio("pf-rb", balances={"USDT": D("100000")})
+    run_id = await c.rebalance("pf-rb", {"BTC/USDT": "0.1", "ETH/USDT": "0.05"})
+    run = await finished_run(durable, run_id, timeout=120)
+    assert run["status"] == "completed", run
+    children = run["result"]["child_order_ids"]
+    assert len(children) == 2 and set(run["result"]["statuses"].values()) == {"filled"}
+    held = await positions_of(durable, "pf-rb")
+    # about 10 % and 5 % of 100,000 USDT at the marks (rounded down to the quantity step)
+    assert D("0.15") < held["BTC/USDT"] <= D("0.17") and D("1.6") < held["ETH/USDT"] <= D("1.7"), held
+    deadline = time.monotonic() + 30
+    while "portfolio.rebalanced" not in [e["event"]["event_type"] for e in await c.events(run_id)]:
+        assert time.monotonic() < deadline, "no portfolio.rebalanced recorded"
+        await asyncio.sleep(0.3)
+
+
+async def test_rebalance_with_a_rejected_child_compensates_and_leaves_no_open_child(durable: Durable) -> None:
+    c = durable.client
+    # the BTC leg (50,000) is over the notional limit: risk rejects it; the ETH leg fills
+    await c.put_portfolio("pf-rx", balances={"USDT": D("100000")}, limits={"max_notional_per_order": "20000"})
+    run_id = await c.rebalance("pf-rx", {"BTC/USDT": "0.5", "ETH/USDT": "0.1"}, all_or_nothing=True)
+    run = await finished_run(durable, run_id, timeout=120)
+    assert run["status"] == "failed" and "did not fill" in run["error"], run
+    rb_orders = [o for o in await c.orders("pf-rx", limit=50) if o.client_order_id.startswith("rb-")]
+    deadline = time.monotonic() + 30
+    while any(o.status not in ("filled", "rejected", "canceled", "failed", "expired") for o in rb_orders):
+        assert time.monotonic() < deadline, f"open child orders left: {rb_orders}"
+        await asyncio.sleep(0.3)
+        rb_orders = [o for o in await c.orders("pf-rx", limit=50) if o.client_order_id.startswith("rb-")]
+    statuses = sorted(o.status for o in rb_orders)
+    assert "rejected" in statuses and statuses.count("filled") == 2, statuses  # the ETH leg and its unwind
+    deadline = time.monotonic() + 30
+    while (await positions_of(durable, "pf-rx")).get("ETH/USDT", D(0)) != 0:
+        assert time.monotonic() < deadline, await positions_of(durable, "pf-rx")
+        await asyncio.sleep(0.3)

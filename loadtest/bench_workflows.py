@@ -1,0 +1,170 @@
+"""Workflow benchmark: ``trading.place_order`` on the local Hatchet engine, next to the fast
+path, in one run.
+
+    python loadtest/bench_workflows.py [--seconds 20] [--concurrency 8] [--portfolios 32] [--json PATH]
+
+Starts the engine (devstack), then gateway, risk, order, routing, portfolio, recorder and the
+workflows worker as local processes on a namespace of their own (``loadtest/localfleet.py``).
+``--concurrency`` callers each place market orders in a closed loop through the public API with
+``?wait`` (submit to terminal status, as a client sees it): first for ``--seconds`` on the fast
+path, then for ``--seconds`` with ``?durable=true``. Orders go round ``--portfolios``
+portfolios (the workflow's concurrency key is the portfolio).
+
+Where a run's time goes: each task reports how long its body took; the rest of the run's
+latency is the engine's dispatch (queueing a task, assigning it to the worker, reporting its
+result, starting the next) plus the gateway's submit and its wait.
+
+Prints a summary and, with ``--json``, writes ``p50_ms``, ``p99_ms``, ``runs_per_s``,
+``fastpath_p50_ms``, ``fastpath_p99_ms`` and the breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devstack import hatchet  # noqa: E402
+from loadtest.localfleet import SERVICES, http_fleet  # noqa: E402
+from services.client import AsyncClient, OrderRequest  # noqa: E402
+
+FUNDS = {"USDT": Decimal("100000000"), "BTC": Decimal("1000")}
+LIMITS = {"max_notional_per_order": "1000000", "max_position_per_symbol": "100000",
+          "max_orders_per_window": 1_000_000, "window_seconds": 1}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def phase(client: AsyncClient, portfolios: list[str], seconds: float, concurrency: int,
+                durable: bool) -> tuple[list[float], list[dict[str, Any]], float, int]:
+    latencies: list[float] = []
+    runs: list[str] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+
+    async def caller(i: int) -> None:
+        nonlocal errors
+        n = 0
+        while time.monotonic() < deadline:
+            pid = portfolios[(i + n * concurrency) % len(portfolios)]
+            n += 1
+            request = OrderRequest(portfolio_id=pid, symbol="BTC/USDT", side="buy" if n % 2 else "sell",
+                                   quantity=Decimal("0.001"))
+            started = time.perf_counter()
+            try:
+                result = await client.place_order(request, wait=30, durable=durable)
+            except Exception:  # noqa: BLE001 - counted and reported
+                errors += 1
+                continue
+            if result.status != "filled":
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+            if durable:
+                runs.append(result.order_id)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    results: list[dict[str, Any]] = []
+    if durable:
+        results = await run_results(client, runs)
+    return latencies, results, elapsed, errors
+
+
+async def run_results(client: AsyncClient, order_ids: list[str]) -> list[dict[str, Any]]:
+    """The task timings of each order's run (from its workflow.started event's run id)."""
+    out: list[dict[str, Any]] = []
+    for order_id in order_ids[-400:]:
+        trail = [e["event"] for e in await client.events(order_id)]
+        run_id = next((e["payload"]["run_id"] for e in trail if e["event_type"] == "workflow.started"), None)
+        if run_id is None:
+            continue
+        run = await client.workflow(run_id)
+        if run.get("result"):
+            out.append(run["result"])
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    engine = hatchet.ensure_hatchet()
+    namespace = f"bw{uuid.uuid4().hex[:8]}"
+    env = {
+        "ZVT_HATCHET_TOKEN": engine["HATCHET_CLIENT_TOKEN"], "ZVT_HATCHET_HOST_PORT": engine["HATCHET_CLIENT_HOST_PORT"],
+        "ZVT_HATCHET_TLS_STRATEGY": "none", "ZVT_HATCHET_NAMESPACE": f"{namespace}_",
+        "ZVT_WORKFLOWS_SLOTS": str(max(20, args.concurrency * 5)), "ZVT_WORKFLOWS_WORKER_NAME": f"{namespace}-w",
+    }
+    with http_fleet(env=env, services=(*SERVICES, "workflows")) as fleet:
+        async with AsyncClient(fleet.url, fleet.admin_key, timeout=60) as client:
+            portfolios = [f"bench-{i}" for i in range(args.portfolios)]
+            for pid in portfolios:
+                await client.put_portfolio(pid, balances=FUNDS, limits=LIMITS)
+            # warm both paths
+            await phase(client, portfolios, 2, args.concurrency, durable=False)
+            await phase(client, portfolios, 2, args.concurrency, durable=True)
+            fast, _, fast_s, fast_err = await phase(client, portfolios, args.seconds, args.concurrency, durable=False)
+            slow, results, slow_s, slow_err = await phase(client, portfolios, args.seconds, args.concurrency,
+                                                          durable=True)
+    tasks = ["validate_request", "check_risk_limits", "create_order_record", "execute_order", "update_portfolio"]
+    bodies = {t: statistics.median([r["task_ms"][t] for r in results if "task_ms" in r]) if results else None
+              for t in tasks}
+    body_total = sum(v for v in bodies.values() if v is not None)
+    p50 = statistics.median(slow) if slow else float("nan")
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPU, {platform.platform()}",
+        "seconds": args.seconds, "concurrency": args.concurrency, "portfolios": args.portfolios,
+        "runs": len(slow), "runs_per_s": round(len(slow) / slow_s, 1), "errors": slow_err,
+        "p50_ms": round(p50, 1), "p90_ms": round(pct(slow, 0.90), 1), "p99_ms": round(pct(slow, 0.99), 1),
+        "fastpath_orders": len(fast), "fastpath_orders_per_s": round(len(fast) / fast_s, 1), "fastpath_errors": fast_err,
+        "fastpath_p50_ms": round(statistics.median(fast), 1) if fast else None,
+        "fastpath_p99_ms": round(pct(fast, 0.99), 1),
+        "task_body_p50_ms": {t: round(v, 2) if v is not None else None for t, v in bodies.items()},
+        "task_bodies_ms": round(body_total, 1),
+        "dispatch_and_api_ms": round(p50 - body_total, 1),
+        "target_p50_ms": 75,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--portfolios", type=int, default=32)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    print(f"trading.place_order  runs {report['runs']} ({report['runs_per_s']}/s at concurrency "
+          f"{args.concurrency}), p50 {report['p50_ms']} ms, p90 {report['p90_ms']} ms, p99 {report['p99_ms']} ms, "
+          f"errors {report['errors']}   (target p50 < 75 ms)")
+    print(f"fast path            orders {report['fastpath_orders']} ({report['fastpath_orders_per_s']}/s), "
+          f"p50 {report['fastpath_p50_ms']} ms, p99 {report['fastpath_p99_ms']} ms, errors {report['fastpath_errors']}")
+    print(f"where a run's p50 goes: task bodies {report['task_bodies_ms']} ms "
+          f"{report['task_body_p50_ms']}, engine dispatch + API {report['dispatch_and_api_ms']} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if report["errors"] or report["fastpath_errors"] or not report["runs"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
