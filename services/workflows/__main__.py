@@ -19,6 +19,7 @@ from services.core.settings import BusSettings, CoreSettings, SettingsError, loa
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
 from services.workflows.client import hatchet_client
 from services.workflows.deps import make_lifespan
+from services.workflows.monitor import define_market_data, define_risk_monitor
 from services.workflows.place_order import define_place_order
 from services.workflows.rebalance import define_rebalance
 from services.workflows.settings import HatchetSettings, WorkflowSettings
@@ -55,7 +56,12 @@ def main() -> None:
     port = core.http_port or _free_port(core.http_host)
     health = HealthcheckConfig(enabled=True, port=port, bind_address=core.http_host)
     hatchet = hatchet_client(hatchet_settings, health=health)
-    workflows: list[Any] = [define_place_order(hatchet, settings.portfolio_concurrency), define_rebalance(hatchet)]
+    workflows: list[Any] = [
+        define_place_order(hatchet, settings.portfolio_concurrency),
+        define_rebalance(hatchet),
+        define_risk_monitor(hatchet, settings.risk_monitor_cron),
+        define_market_data(hatchet),
+    ]
     worker = hatchet.worker(
         settings.worker_name, slots=settings.slots, workflows=workflows,
         lifespan=make_lifespan(core, bus_settings, settings, hatchet),

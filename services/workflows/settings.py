@@ -40,6 +40,15 @@ class WorkflowSettings(BaseSettings):
     portfolio_concurrency: int = Field(
         1, ge=1, le=100, description="`trading.place_order` runs at once per portfolio (the concurrency key)."
     )
+    risk_monitor_cron: str = Field(
+        "* * * * *", description="When `risk.monitor` runs (cron, UTC); empty: only when started by hand."
+    )
+    reducing_drawdown: float = Field(
+        0.1, gt=0, lt=1, description="`risk.monitor`: drawdown from peak equity that moves a portfolio to REDUCING."
+    )
+    max_drawdown: float = Field(
+        0.2, gt=0, lt=1, description="`risk.monitor`: drawdown from peak equity that moves a portfolio to HALTED."
+    )
     faults_enabled: bool = Field(
         False, description="Honour the `faults` field of workflow inputs (tests only: makes tasks fail on purpose)."
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hatchet_sdk import EmptyModel, Hatchet
 
 from devstack.fleet import Fleet, logged
 from services.client import AsyncClient, OrderRequest
@@ -27,6 +28,9 @@ from services.core.settings import BusSettings
 from services.gateway.models import OrderBody
 from services.gateway.orders import OrderDesk
 from services.gateway.workflows import WorkflowDesk
+from services.workflows.client import hatchet_client
+from services.workflows.contracts import MARKET_DATA, RISK_MONITOR
+from services.workflows.monitor import MarketSnapshot
 from services.workflows.settings import HatchetSettings
 from tests.e2e.conftest import SHARDS, stack_env
 from tests.integration.conftest import Target, delete_namespace
@@ -44,6 +48,7 @@ class Durable:
     bus: Bus
     desk: OrderDesk
     workflows: WorkflowDesk
+    hatchet: Hatchet
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -55,7 +60,7 @@ async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env
     env = stack_env(
         target, namespace, postgres_dsn, **hatchet_env,
         ZVT_GATEWAY_ADMIN_API_KEY=ADMIN, ZVT_HATCHET_NAMESPACE=f"{namespace}_",
-        ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_WORKFLOWS_SLOTS="20", ZVT_WORKFLOWS_WORKER_NAME=f"{namespace}-w",
+        ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_WORKFLOWS_RISK_MONITOR_CRON="", ZVT_WORKFLOWS_SLOTS="20", ZVT_WORKFLOWS_WORKER_NAME=f"{namespace}-w",
     )
     fleet = Fleet(env, log_dir=tmp_path / "logs", start_timeout=60)
     # the stream stages too: a rebalance's children go by the fast path
@@ -70,7 +75,8 @@ async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env
         tls_strategy="none", namespace=f"{namespace}_",
     )
     try:
-        yield Durable(env, fleet, client, bus, OrderDesk(bus, 1000, 3600), WorkflowDesk(bus, hatchet))
+        yield Durable(env, fleet, client, bus, OrderDesk(bus, 1000, 3600), WorkflowDesk(bus, hatchet),
+                      hatchet_client(hatchet))
     finally:
         await client.aclose()
         fleet.stop()
@@ -238,3 +244,41 @@ async def test_rebalance_with_a_rejected_child_compensates_and_leaves_no_open_ch
     while (await positions_of(durable, "pf-rx")).get("ETH/USDT", D(0)) != 0:
         assert time.monotonic() < deadline, await positions_of(durable, "pf-rx")
         await asyncio.sleep(0.3)
+
+
+async def run_workflow(d: Durable, name: str, payload: Any) -> tuple[str, dict[str, Any]]:
+    stub = d.hatchet.workflow(name=name, input_validator=type(payload))
+    ref = await stub.aio_run_no_wait(payload)
+    return str(ref.workflow_run_id), await asyncio.wait_for(ref.aio_result(), 60)
+
+
+async def test_market_data_moves_marks_and_risk_monitor_tightens_on_drawdown(durable: Durable) -> None:
+    d = durable
+    await d.client.put_portfolio("pf-dd", balances={"USDT": D("0"), "BTC": D("1")})
+    _, first = await run_workflow(d, RISK_MONITOR, EmptyModel())
+    assert first["assess_portfolios"]["portfolios"] == 1 and not first["assess_portfolios"]["breaches"]
+    mark = D((await d.bus.redis.hget(StateKeys(d.bus.keys).marks(), "BTC/USDT")).decode())
+
+    async def move(to: Decimal, seq: str) -> None:
+        _, out = await run_workflow(d, MARKET_DATA, MarketSnapshot(
+            venue="sim", symbol="BTC/USDT", bid=str(to - 1), ask=str(to + 1), sequence=seq,
+            bids=[(str(to - 1), "2")], asks=[(str(to + 1), "3")]))
+        assert D(out["process"]["mark"]) == to and out["process"]["events"] == 2
+
+    await move(mark * D("0.85"), "1")  # 15 % down: REDUCING
+    run_id, second = await run_workflow(d, RISK_MONITOR, EmptyModel())
+    (breach,) = second["assess_portfolios"]["breaches"]
+    assert breach["state"] == "REDUCING" and D(breach["drawdown"]) == D("0.15")
+    assert (await d.client.get_portfolio("pf-dd"))["trading_state"] == "REDUCING"
+    deadline = time.monotonic() + 30
+    while "risk.breached" not in [e["event"]["event_type"] for e in await d.client.events(run_id)]:
+        assert time.monotonic() < deadline, "no risk.breached recorded"
+        await asyncio.sleep(0.3)
+
+    await move(mark * D("0.7"), "2")  # 30 % down: HALTED
+    _, third = await run_workflow(d, RISK_MONITOR, EmptyModel())
+    assert [b["state"] for b in third["assess_portfolios"]["breaches"]] == ["HALTED"]
+    assert (await d.client.get_portfolio("pf-dd"))["trading_state"] == "HALTED"
+    # a halted portfolio's new orders are refused by risk
+    refused = await d.client.place_order(order("pf-dd"), wait=20)
+    assert refused.status == "rejected" and refused.reject_code == "TRADING_HALTED"
