@@ -14,11 +14,11 @@ from services.core.marks import Marks
 from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
 from services.routing.feed import PriceFeed
-from services.routing.settings import RoutingSettings, parse_venues
+from services.routing.settings import RoutingSettings
 from services.routing.stage import GROUP, HANDLED, RoutingStage, VenueHealth
-from services.venues.base import Venue
-from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
-from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES, PaperFaults, PaperVenue
+from services.routing.venues import build_venues
+from services.venues.ccxt import close_shared_clients
+from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
 
 
 def build(service: Service) -> None:
@@ -29,18 +29,7 @@ def build(service: Service) -> None:
     async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
         keys = service.bus.keys
-        venues: list[Venue] = []
-        for name, exchange, url in parse_venues(settings.venues):
-            if exchange is None:
-                venues.append(PaperVenue(name, faults=PaperFaults(latency=settings.paper_latency_ms / 1000)))
-                continue
-            config = CcxtVenueConfig(
-                name=name, exchange=exchange, account=settings.ccxt_account, api_url=url,
-                api_key=settings.ccxt_api_key.get_secret_value(), secret=settings.ccxt_secret.get_secret_value(),
-                timeout_s=settings.ccxt_timeout_s, rate_per_s=settings.ccxt_rate_per_s, burst=settings.ccxt_burst,
-                breaker_failures=settings.breaker_failures, breaker_cooldown_s=settings.breaker_cooldown_s,
-            )
-            venues.append(CcxtVenue(config, redis=service.redis, keys=keys))
+        venues = build_venues(settings, service.redis, keys)
         stage = RoutingStage(
             service.redis, StateKeys(keys), Marks(service.redis, keys), venues,
             health=VenueHealth(settings.breaker_cooldown_s),

@@ -21,6 +21,7 @@ from services.workflows.client import hatchet_client
 from services.workflows.deps import make_lifespan
 from services.workflows.monitor import define_market_data, define_risk_monitor
 from services.workflows.place_order import define_place_order
+from services.workflows.reconcile import define_reconcile
 from services.workflows.rebalance import define_rebalance
 from services.workflows.settings import HatchetSettings, WorkflowSettings
 
@@ -61,6 +62,7 @@ def main() -> None:
         define_rebalance(hatchet),
         define_risk_monitor(hatchet, settings.risk_monitor_cron),
         define_market_data(hatchet),
+        define_reconcile(hatchet, settings.reconcile_cron),
     ]
     worker = hatchet.worker(
         settings.worker_name, slots=settings.slots, workflows=workflows,

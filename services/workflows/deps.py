@@ -14,6 +14,8 @@ from services.core.redisconn import open_redis
 from services.core.settings import BusSettings, CoreSettings, load
 from services.routing.feed import PriceFeed
 from services.routing.settings import RoutingSettings
+from services.routing.venues import build_venues
+from services.venues.ccxt import close_shared_clients
 from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
 from services.workflows.bridge import bridge_consumer
 from services.workflows.runs import RunStore
@@ -53,7 +55,7 @@ def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: Workf
         redis = await open_redis(core)
         bus = Bus(redis, bus_settings)
         routing = load(RoutingSettings)
-        stages = Stages(bus, paper_latency_s=routing.paper_latency_ms / 1000)
+        stages = Stages(bus, build_venues(routing, redis, bus.keys))
         await stages.start()
         # the marks risk's price band and the paper venue need, where no feed has put any yet
         feed = PriceFeed(redis, bus.keys, DEFAULT_PRICES, {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
@@ -66,6 +68,7 @@ def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: Workf
         finally:
             bridge.stop()
             await bridge.wait(5)
+            await close_shared_clients()
             await redis.aclose()
 
     return lifespan

@@ -43,6 +43,9 @@ class WorkflowSettings(BaseSettings):
     risk_monitor_cron: str = Field(
         "* * * * *", description="When `risk.monitor` runs (cron, UTC); empty: only when started by hand."
     )
+    reconcile_cron: str = Field(
+        "*/5 * * * *", description="When `orders.reconcile` runs (cron, UTC); empty: only when started by hand."
+    )
     reducing_drawdown: float = Field(
         0.1, gt=0, lt=1, description="`risk.monitor`: drawdown from peak equity that moves a portfolio to REDUCING."
     )

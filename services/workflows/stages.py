@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from services.core.bus import Bus, Commit, PermanentError
@@ -13,7 +13,7 @@ from services.order.stage import OrderStage
 from services.portfolio.stage import PortfolioStage
 from services.risk.stage import RiskStage
 from services.routing.stage import RoutingStage
-from services.venues.paper import PaperFaults, PaperVenue
+from services.venues.base import Venue
 
 __all__ = ["StateKeptMoving", "Stages"]
 
@@ -26,7 +26,7 @@ class StateKeptMoving(RuntimeError):
 
 
 class Stages:
-    def __init__(self, bus: Bus, routing: RoutingStage | None = None, *, paper_latency_s: float = 0.0) -> None:
+    def __init__(self, bus: Bus, venues: Sequence[Venue]) -> None:
         redis = bus.redis
         sk = StateKeys(bus.keys)
         marks = Marks(redis, bus.keys)
@@ -35,9 +35,8 @@ class Stages:
         self.risk = RiskStage(redis, sk, marks)
         self.order = OrderStage(redis, sk)
         self.portfolio = PortfolioStage(redis, sk)
-        self.routing = routing or RoutingStage(
-            redis, sk, marks, [PaperVenue("paper", faults=PaperFaults(latency=paper_latency_s))]
-        )
+        self.venues = list(venues)
+        self.routing = RoutingStage(redis, sk, marks, self.venues)
 
     async def start(self) -> None:
         await self.routing.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,8 @@ from services.gateway.models import OrderBody
 from services.gateway.orders import OrderDesk
 from services.gateway.workflows import WorkflowDesk
 from services.workflows.client import hatchet_client
-from services.workflows.contracts import MARKET_DATA, RISK_MONITOR
+from services.workflows.contracts import MARKET_DATA, RECONCILE, RISK_MONITOR
+from services.workflows.reconcile import ReconcileInput
 from services.workflows.monitor import MarketSnapshot
 from services.workflows.settings import HatchetSettings
 from tests.e2e.conftest import SHARDS, stack_env
@@ -282,3 +284,54 @@ async def test_market_data_moves_marks_and_risk_monitor_tightens_on_drawdown(dur
     # a halted portfolio's new orders are refused by risk
     refused = await d.client.place_order(order("pf-dd"), wait=20)
     assert refused.status == "rejected" and refused.reject_code == "TRADING_HALTED"
+
+
+async def test_reconcile_finds_an_order_the_store_missed_at_the_venue_and_fixes_it(
+    durable: Durable, tmp_path: Path
+) -> None:
+    from devstack.fleet import start_venue
+    from services.core.events import OrderType, Side, TimeInForce
+    from services.venues.base import VenueOrderRequest
+    from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
+
+    d = durable
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    sim = start_venue("simrc", port, tmp_path / "venue")
+    try:
+        # the worker trades on (and reconciles with) the simulated venue
+        d.fleet.kill("workflows", signal.SIGTERM)
+        d.fleet.start(["workflows"], env={"ZVT_ROUTING_VENUES": f"simrc=binance@http://127.0.0.1:{port}"})
+        # routing is down: the order is created in the store, and never routed
+        d.fleet.kill("routing")
+        await d.client.put_portfolio("pf-rc", balances=FUNDS)
+        placed = await d.client.place_order(order("pf-rc"))
+        deadline = time.monotonic() + 30
+        while (await d.client.get_order(placed.order_id)).status != "created":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        # ... yet the venue has it, filled (say routing's submit went out and its answer was lost)
+        venue = CcxtVenue(CcxtVenueConfig(name="simrc", api_key="sim-key", secret="sim-secret",
+                                          api_url=f"http://127.0.0.1:{port}"))
+        try:
+            at_venue = await venue.submit(VenueOrderRequest(
+                client_order_id=placed.order_id, symbol="BTC/USDT", side=Side.BUY, order_type=OrderType.MARKET,
+                quantity=D("0.01"), price=None, time_in_force=TimeInForce.IOC))
+        finally:
+            await close_shared_clients()
+        assert at_venue.filled_quantity == D("0.01")
+
+        _, out = await run_workflow(d, RECONCILE, ReconcileInput(grace_s=0))
+        fixed = {f["order_id"]: f["corrections"] for f in out["reconcile"]["fixed"]}
+        assert fixed[placed.order_id] == ["order.executed"], out
+        got = await d.client.get_order(placed.order_id)
+        assert got.status == "filled" and got.filled_quantity == D("0.01") and len(got.fills) == 1
+        assert (await positions_of(d, "pf-rc"))["BTC/USDT"] == D("0.01")
+        assert await reservations(d, "pf-rc") == {}
+        # a second run finds nothing left to fix
+        _, again = await run_workflow(d, RECONCILE, ReconcileInput(grace_s=0))
+        assert placed.order_id not in {f["order_id"] for f in again["reconcile"]["fixed"]}
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
