@@ -72,7 +72,7 @@ def _engine_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "DATABASE_", "HATCHET_"))}
     env.update({
         "DATABASE_URL": _database_url(),
-        "DATABASE_MAX_CONNS": "40",
+        "DATABASE_MAX_CONNS": "20",
         "PGTZ": "UTC",
         "TZ": "UTC",
         "SERVER_MSGQUEUE_KIND": "postgres",
@@ -94,8 +94,8 @@ def _engine_env() -> dict[str, str]:
         "SERVER_ANALYTICS_POSTHOG_ENABLED": "false",
         # runs with a concurrency key (trading.place_order's portfolio) wait for this poller;
         # its default floor of 500 ms would dominate an order's latency
-        "SCHEDULER_CONCURRENCY_POLLING_MIN_INTERVAL": "10ms",
-        "SCHEDULER_CONCURRENCY_POLLING_MAX_INTERVAL": "250ms",
+        "SCHEDULER_CONCURRENCY_POLLING_MIN_INTERVAL": "50ms",
+        "SCHEDULER_CONCURRENCY_POLLING_MAX_INTERVAL": "1s",
     })
     return env
 

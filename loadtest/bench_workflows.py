@@ -110,6 +110,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "ZVT_HATCHET_TOKEN": engine["HATCHET_CLIENT_TOKEN"], "ZVT_HATCHET_HOST_PORT": engine["HATCHET_CLIENT_HOST_PORT"],
         "ZVT_HATCHET_TLS_STRATEGY": "none", "ZVT_HATCHET_NAMESPACE": f"{namespace}_",
         "ZVT_WORKFLOWS_SLOTS": str(max(20, args.concurrency * 5)), "ZVT_WORKFLOWS_WORKER_NAME": f"{namespace}-w",
+        "ZVT_WORKFLOWS_RISK_MONITOR_CRON": "", "ZVT_WORKFLOWS_RECONCILE_CRON": "",
     }
     with http_fleet(env=env, services=(*SERVICES, "workflows")) as fleet:
         async with AsyncClient(fleet.url, fleet.admin_key, timeout=60) as client:

@@ -108,6 +108,8 @@ def demo_fleet(redis_single_url: str, postgres_dsn: str, hatchet_env: dict[str, 
     env, local = fleet_environment(options, tmp_path, {}, {}, {})
     assert env["ZVT_HATCHET_TOKEN"] == hatchet_env["ZVT_HATCHET_TOKEN"]  # make up's worker finds the engine
     env["ZVT_HATCHET_NAMESPACE"] = f"{namespace}_"
+    # no schedules left behind in the shared engine for a namespace that goes away
+    env["ZVT_WORKFLOWS_RISK_MONITOR_CRON"] = env["ZVT_WORKFLOWS_RECONCILE_CRON"] = ""
     fleet = Fleet(env, log_dir=tmp_path / "logs")
     try:
         fleet.start(FLEET_NAMES)
