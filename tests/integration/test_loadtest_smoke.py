@@ -57,3 +57,20 @@ def test_bench_pipeline_when_run_briefly_reports_latency_throughput_and_cpu(tmp_
     assert any(label.startswith("redis:") for label in data["cpu_by_process"])
     assert data["orders_missing_position"] == 0 and data["rejected"] == 0 and data["failed"] == 0
     assert "keys deleted" in proc.stdout
+
+
+def test_bench_workflows_when_run_briefly_reports_both_paths_and_the_breakdown(
+    tmp_path: Path, hatchet_env: dict[str, str]
+) -> None:
+    result = tmp_path / "workflows.json"
+    proc = subprocess.run(
+        [sys.executable, "loadtest/bench_workflows.py", "--seconds", "3", "--concurrency", "2", "--portfolios", "4",
+         "--json", str(result)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert {"p50_ms", "p99_ms", "runs_per_s", "fastpath_p50_ms", "fastpath_p99_ms"} <= set(data)
+    assert data["runs"] > 0 and data["errors"] == 0 and data["fastpath_errors"] == 0
+    assert 0 < data["p50_ms"] <= data["p99_ms"] and 0 < data["fastpath_p50_ms"] <= data["fastpath_p99_ms"]
+    assert all(v is not None and v > 0 for v in data["task_body_p50_ms"].values())
