@@ -117,8 +117,8 @@ class TestPostgres:
 
 
 class TestStatus:
-    def test_status_when_everything_started_lists_all_three_running(
-        self, redis_single_url: str, redis_cluster_url: str, postgres_dsn: str
+    def test_status_when_everything_started_lists_every_component_running(
+        self, redis_single_url: str, redis_cluster_url: str, postgres_dsn: str, hatchet_env: dict[str, str]
     ) -> None:
         out = subprocess.run(
             [sys.executable, "-m", "devstack", "status"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
@@ -126,11 +126,12 @@ class TestStatus:
 
         lines = out.splitlines()
         assert [line.split()[:2] for line in lines] == [
-            ["redis-single", "running"], ["redis-cluster", "running"], ["postgres", "running"]
+            ["redis-single", "running"], ["redis-cluster", "running"], ["postgres", "running"], ["hatchet", "running"]
         ]
         assert redis_single_url in lines[0]
         assert f"{redis_cluster_url} (cluster)" in lines[1]
         assert postgres_dsn in lines[2]
+        assert f"grpc://{hatchet_env['ZVT_HATCHET_HOST_PORT']}" in lines[3]
 
 
 class TestThrowawayRedis:
