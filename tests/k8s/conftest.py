@@ -14,8 +14,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "zvt-fleet"
 CRDS = ROOT.parent / "shared" / "k8s-crds"
-VALUES = ["default", *sorted(p.name for p in (CHART / "ci").glob("*.yaml"))]
-"""The default values and every charts/zvt-fleet/ci/*.yaml: each is linted, rendered, validated."""
+K8S = ROOT / "k8s"
+VALUES_FILES = {
+    **{p.name: p for p in sorted((CHART / "ci").glob("*.yaml"))},
+    **{f"k8s/{p.name}": p for p in sorted(K8S.glob("values-*.yaml"))},
+}
+VALUES = ["default", *VALUES_FILES]
+"""The default values, every charts/zvt-fleet/ci/*.yaml and the k8s/values-*.yaml of the kind
+and load-test installs: each is linted, rendered, validated and held to the policies."""
 KUBE_VERSIONS = ("1.34.0", "1.36.0")
 """Two supported Kubernetes minor versions the rendered objects must be valid on."""
 RELEASE, NAMESPACE = "zvt", "trading"
@@ -49,7 +55,7 @@ def helm() -> Path:
 
 
 def values_args(values: str) -> list[str]:
-    return [] if values == "default" else ["-f", str(CHART / "ci" / values)]
+    return [] if values == "default" else ["-f", str(VALUES_FILES[values])]
 
 
 def render(helm: Path, values: str, *extra: str) -> subprocess.CompletedProcess[str]:
