@@ -21,7 +21,8 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime --------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    HOME=/tmp
 # tini as PID 1: forwards SIGTERM to the service and reaps children.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
@@ -30,7 +31,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links /wheels zvt-fleet
 RUN groupadd --gid 10001 zvt && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin zvt
 USER 10001:10001
+# The chart runs it with a read-only root filesystem and an emptyDir on /tmp (HOME, WORKDIR).
 WORKDIR /tmp
-EXPOSE 8081
+# 8081: /healthz, /readyz, /metrics of every service (ZVT_HTTP_PORT); 8080: the gateway's API.
+EXPOSE 8081 8080
 ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m"]
 CMD ["services.recorder"]

@@ -21,7 +21,7 @@ FLEET_STATE ?= .zvt#       the fleet's env files (fleet.env, local.env), pid fil
 PROFILE ?= paper#          paper (routing on the in-process paper venue) or staging (three simulated venue servers on 9101-9103, traded through ccxt)
 FLEET = fleet --state-dir $(FLEET_STATE)
 
-.PHONY: help deps up down status test lint bench clean
+.PHONY: help deps up down status test lint bench clean chart
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -52,6 +52,13 @@ status: ## what runs where
 test: deps ## type-check, then run the test suite
 	$(PY) -m mypy
 	$(PY) -m pytest -p no:cacheprovider -q $(PYTEST_ARGS)
+
+chart: ## lint and render charts/zvt-fleet with the real helm CLI (built once into .cache/tools)
+	@HELM=$$(bash scripts/build-helm.sh) && for v in "" charts/zvt-fleet/ci/*.yaml k8s/values-*.yaml; do \
+		echo "chart: $${v:-default values}"; \
+		$$HELM lint --strict charts/zvt-fleet $${v:+-f $$v} >/dev/null; \
+		$$HELM template zvt charts/zvt-fleet -n trading --kube-version 1.36.0 $${v:+-f $$v} >/dev/null; \
+	done
 
 lint: deps ## type-check
 	$(PY) -m mypy

@@ -26,7 +26,9 @@ as_root() {
 
 system_packages_missing() {
     local tool
-    for tool in redis-server redis-cli redis-benchmark; do
+    # promtool and prometheus (Debian's prometheus package): the chart's alert rules and
+    # dashboard are checked with them (tests/k8s)
+    for tool in redis-server redis-cli redis-benchmark promtool prometheus; do
         command -v "$tool" >/dev/null 2>&1 || return 0
     done
     [ -x "$PG_BIN/initdb" ] || return 0
@@ -39,9 +41,9 @@ if system_packages_missing; then
     # processes on other ports); if they auto-start on 6379/5432 that is harmless.
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        redis-server redis-tools postgresql
+        redis-server redis-tools postgresql prometheus
     if system_packages_missing; then
-        log "apt finished but redis or $PG_BIN/initdb is still missing" >&2
+        log "apt finished but redis, promtool, prometheus or $PG_BIN/initdb is still missing" >&2
         exit 1
     fi
 else

@@ -50,6 +50,18 @@ def test_entry_point_when_installed_from_the_wheel_answers_help(installed: Path,
         assert "ZVT_REDIS_URL" in proc.stdout
 
 
+def test_smoke_command_when_installed_answers_help_and_refuses_bad_arguments(installed: Path) -> None:
+    """``helm test`` runs ``python -m services.client.smoke`` in the image."""
+    proc = subprocess.run([str(installed), "-m", "services.client.smoke", "--help"], cwd="/",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m services.client.smoke")
+    proc = subprocess.run([str(installed), "-m", "services.client.smoke", "--quantity", "-1"], cwd="/",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "must be a positive decimal number: '-1'" in proc.stderr
+
+
 def test_wheel_when_installed_carries_the_packages_and_not_the_tests(installed: Path) -> None:
     code = "import services.core.bus, services.trading, services.recorder.store, importlib.util as u; " \
            "print(u.find_spec('tests'))"
