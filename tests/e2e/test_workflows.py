@@ -65,7 +65,7 @@ async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env
     env = stack_env(
         target, namespace, postgres_dsn, **hatchet_env,
         ZVT_GATEWAY_ADMIN_API_KEY=ADMIN, ZVT_HATCHET_NAMESPACE=f"{namespace}_",
-        ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_WORKFLOWS_RISK_MONITOR_CRON="",
+        ZVT_WORKFLOWS_FAULTS_ENABLED="true", ZVT_ROUTING_PAPER_LATENCY_MS="1500", ZVT_WORKFLOWS_RISK_MONITOR_CRON="",
         ZVT_WORKFLOWS_RECONCILE_CRON="", ZVT_WORKFLOWS_SLOTS="20", ZVT_WORKFLOWS_WORKER_NAME=f"{namespace}-w",
     )
     fleet = Fleet(env, log_dir=tmp_path / "logs", start_timeout=60)
@@ -180,20 +180,18 @@ async def test_retries_exhausted_fail_the_order_and_release_its_reservation(dura
 async def test_worker_killed_mid_place_order_completes_on_a_second_worker_without_duplicates(durable: Durable) -> None:
     d = durable
     await d.client.put_portfolio("pf-k", balances=FUNDS)
-    # a second worker whose venue is slow, so the run is caught inside execute_order
-    d.fleet.kill("workflows", signal.SIGTERM)  # gracefully: the engine stops assigning to it
-    slow = d.fleet.start(["workflows"], env={"ZVT_ROUTING_PAPER_LATENCY_MS": "4000"})[0]
+    # the fixture's worker has a slow venue (ZVT_ROUTING_PAPER_LATENCY_MS), so the run can be
+    # caught inside execute_order
+    slow = d.fleet.live("workflows")[0]
     order_id, run_id = await start_with_faults(d, "pf-k", {})
-    # (if the engine handed a task to the worker that just left, it hands it over again once
-    # that worker's heartbeat lapses: allow for that)
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 60
     while (await d.client.get_order(order_id)).status != "created":
         assert time.monotonic() < deadline, "the run never reached execute_order"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # inside the venue call
     d.fleet.kill("workflows")
     assert not slow.alive
-    d.fleet.start(["workflows"])  # a healthy worker takes the run over
+    d.fleet.start(["workflows"], env={"ZVT_ROUTING_PAPER_LATENCY_MS": "0"})  # a healthy worker takes it over
     run = await finished_run(d, run_id, timeout=150)
     assert run["status"] == "completed", run
     got = await d.client.get_order(order_id)
