@@ -38,7 +38,7 @@ from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
 
-__all__ = ["ReadinessCheck", "Service", "main", "tune_gc"]
+__all__ = ["ReadinessCheck", "Service", "check_no_arguments", "main", "tune_gc"]
 
 BatchFn = Callable[[list[tuple[Event[Any], Commit]]], Awaitable[None]]
 """A batch handler: every event of a read with its commit, in stream order."""
@@ -278,12 +278,7 @@ def main(name: str, build: Callable[[Service], Any], description: str = "") -> N
 
     The process takes no arguments, only settings from the environment; ``--help`` lists them.
     """
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        print(_usage(name, description))
-        raise SystemExit(0)
-    if len(sys.argv) > 1:
-        print(f"{name}: takes no arguments (got {' '.join(sys.argv[1:])}); settings come from ZVT_* variables, see --help", file=sys.stderr)
-        raise SystemExit(2)
+    check_no_arguments(name, description)
     try:
         service = Service(name)
         build(service)  # a service's own settings are loaded here
@@ -292,6 +287,17 @@ def main(name: str, build: Callable[[Service], Any], description: str = "") -> N
         raise SystemExit(2) from None
     # uvloop: the same asyncio, a faster loop (every service is I/O-bound on Redis).
     raise SystemExit(uvloop.run(service.run()))
+
+
+def check_no_arguments(name: str, description: str) -> None:
+    """A service takes no arguments, only settings from the environment: ``--help`` lists
+    them (exit 0), anything else is refused (exit 2)."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(_usage(name, description))
+        raise SystemExit(0)
+    if len(sys.argv) > 1:
+        print(f"{name}: takes no arguments (got {' '.join(sys.argv[1:])}); settings come from ZVT_* variables, see --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _usage(name: str, description: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from hatchet_sdk.config import HealthcheckConfig
 
-from services.core.runtime import _usage
+from services.core.runtime import check_no_arguments
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
 from services.workflows.client import hatchet_client
@@ -35,12 +35,7 @@ def _free_port(host: str) -> int:
 
 
 def main() -> None:
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        print(_usage(NAME, __doc__ or ""))
-        raise SystemExit(0)
-    if len(sys.argv) > 1:
-        print(f"{NAME}: takes no arguments; settings come from ZVT_* variables, see --help", file=sys.stderr)
-        raise SystemExit(2)
+    check_no_arguments(NAME, __doc__ or "")
     try:
         core = load(CoreSettings)
         bus_settings = load(BusSettings)

@@ -22,7 +22,7 @@ from services.workflows.runs import RunStore
 from services.workflows.settings import WorkflowSettings
 from services.workflows.stages import Stages
 
-__all__ = ["Deps", "InjectedFault", "deps_of", "inject_fault", "make_lifespan"]
+__all__ = ["Deps", "InjectedFault", "deps_of", "failure_of", "inject_fault", "make_lifespan"]
 
 
 class InjectedFault(RuntimeError):
@@ -48,6 +48,13 @@ def deps_of(ctx: Context) -> Deps:
 def inject_fault(deps: Deps, faults: Mapping[str, int], task: str, ctx: Context) -> None:
     if deps.settings.faults_enabled and ctx.retry_count < faults.get(task, 0):
         raise InjectedFault(f"{task}: injected fault, attempt {ctx.retry_count + 1}")
+
+
+def failure_of(ctx: Context) -> tuple[str | None, str]:
+    """For an on-failure task: the task that failed first, and every task's error, joined."""
+    errors = ctx.task_run_errors
+    step = next(iter(errors), None)
+    return step, "; ".join(f"{k}: {v}" for k, v in errors.items())[:2000] or "the run failed"
 
 
 def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: WorkflowSettings, hatchet: Hatchet) -> Any:

@@ -34,7 +34,7 @@ from services.core.hotstate import OrderRecord, load
 from services.core.telemetry import get_logger
 from services.trading.orders import OrderStatus
 from services.workflows.contracts import PLACE_ORDER, PlaceOrderInput
-from services.workflows.deps import Deps, deps_of, inject_fault
+from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
 from services.workflows.runs import RunStatus
 
 __all__ = ["define_place_order"]
@@ -168,9 +168,7 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
     @wf.on_failure_task(execution_timeout=dt.timedelta(seconds=15), retries=3)
     async def on_failure(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
-        errors = ctx.task_run_errors
-        step = next(iter(errors), None)
-        error = "; ".join(f"{k}: {v}" for k, v in errors.items())[:2000] or "the run failed"
+        step, error = failure_of(ctx)
         requested = decode_any(input.event.encode())
         record = await _record(deps, requested)
         released = False

@@ -44,7 +44,7 @@ from services.trading.orders import OrderStatus
 from services.venues.paper import DEFAULT_MARKETS
 from services.workflows.bridge import ORDER_TERMINAL
 from services.workflows.contracts import REBALANCE, RebalanceInput
-from services.workflows.deps import Deps, deps_of, inject_fault
+from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
 
 __all__ = ["ORDER_TERMINAL", "Leg", "define_rebalance", "plan_legs"]
 
@@ -206,9 +206,7 @@ def define_rebalance(hatchet: Hatchet) -> Any:
     async def compensate(input: RebalanceInput, ctx: Context) -> dict[str, Any]:
         """Cancel the children still open; with ``all_or_nothing`` unwind the filled legs."""
         deps = deps_of(ctx)
-        errors = ctx.task_run_errors
-        step = next(iter(errors), None)
-        error = "; ".join(f"{k}: {v}" for k, v in errors.items())[:2000] or "the run failed"
+        step, error = failure_of(ctx)
         desk = OrderDesk(deps.bus, 1000, 86_400)
         order_ids: list[str] = []
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from services.core.bus import Bus, Commit, PermanentError
+from services.core.bus import Bus, Commit
 from services.core.events import Event
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
@@ -58,7 +58,3 @@ class Stages:
             if emitted is not None:
                 return emitted
         raise StateKeptMoving(f"{group}: the state of shard {shard} moved under {_ATTEMPTS} attempts")
-
-
-def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, PermanentError)
