@@ -126,6 +126,20 @@ class Fleet:
                 proc.popen.wait()
         return victims
 
+    def freeze(self, name: str) -> list[Proc]:
+        """SIGSTOP every live process of ``name``: a consumer stalled past its deadlines."""
+        return self._signal(name, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> list[Proc]:
+        """SIGCONT what ``freeze`` stopped."""
+        return self._signal(name, signal.SIGCONT)
+
+    def _signal(self, name: str, sig: int) -> list[Proc]:
+        procs = self.live(name)
+        for proc in procs:
+            proc.popen.send_signal(sig)
+        return procs
+
     def restart(self, name: str, sig: int = signal.SIGKILL) -> list[Proc]:
         count = max(1, len(self.kill(name, sig)))
         return self.start([name], replicas=count)
@@ -134,6 +148,7 @@ class Fleet:
         """SIGTERM everything, wait, SIGKILL what is left; returns exit codes by label."""
         everything = [p for procs in self.procs.values() for p in procs if p.alive]
         for proc in everything:
+            proc.popen.send_signal(signal.SIGCONT)  # a frozen process would never see the TERM
             proc.popen.send_signal(signal.SIGTERM)
         codes: dict[str, int | None] = {}
         deadline = time.monotonic() + timeout

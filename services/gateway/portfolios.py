@@ -34,10 +34,16 @@ from services.gateway.models import (
 )
 from services.gateway.problems import Problem
 
-__all__ = ["Portfolios"]
+__all__ = ["BALANCE_READERS", "Portfolios"]
+
+BALANCE_READERS = ("portfolio", "risk")
+"""The stages whose commits depend on the balances they read: an admin write of the balances
+moves their state version, so a batch that read the old balances is refused and redone rather
+than writing over the new ones (the portfolio stage writes balances it computed from them)."""
 
 _PUT_LUA = """
--- KEYS: portfolio, balances, portfolio.updated stream (one slot)
+-- KEYS: portfolio, balances, portfolio.updated stream, then the state versions of the stages
+--       that read the balances (one slot)
 -- ARGV: expected current record ('' if none), new record, event, replace balances ('1'/'0'),
 --       then asset, amount, ...
 -- returns 0 created, 1 updated, -1 the record changed meanwhile (retry)
@@ -47,6 +53,8 @@ redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[2])
   if #ARGV > 4 then redis.call('HSET', KEYS[2], unpack(ARGV, 5)) end
+  -- a stage batch that read the old balances cannot commit over the new ones: it is redone
+  for i = 4, #KEYS do redis.call('INCR', KEYS[i]) end
 end
 redis.call('XADD', KEYS[3], '*', 'd', ARGV[3])
 if cur then return 1 end
@@ -161,6 +169,7 @@ class Portfolios:
             keys=[
                 self.state.portfolio(portfolio_id), self.state.balances(portfolio_id),
                 keys.stream(shard, EventType.PORTFOLIO_UPDATED),
+                *(keys.version(shard, group) for group in BALANCE_READERS),
             ],
             args=[expected, dump(record), encode(with_trace(event)), "1" if replace else "0", *pairs],
         ))

@@ -120,6 +120,7 @@ class OrderStage:
                         price=p.price,
                         time_in_force=p.time_in_force,
                         venue=p.venue,
+                        price_cap=p.price_cap,
                     ),
                     STAGE,
                 )
@@ -141,8 +142,12 @@ class OrderStage:
                 return self._stale(event, record)
             return msgspec.structs.replace(record, status=target, reject_reason=p.reason, updated_at=at)
         if isinstance(p, OrderExecuted):
-            if any(f.fill_id == p.fill_id for f in record.fills):
-                return self._stale(event, record)
+            if any(
+                f.fill_id == p.fill_id
+                or (p.venue_fill_id is not None and (f.venue, f.venue_fill_id) == (p.venue, p.venue_fill_id))
+                for f in record.fills
+            ):
+                return self._stale(event, record)  # this venue fill is counted already
             order = record.to_order()
             try:
                 filled = order.apply_fill(p.fill_id, p.quantity, p.price, p.commission, at)
@@ -159,6 +164,7 @@ class OrderStage:
                 liquidity=str(p.liquidity),
                 venue=p.venue,
                 at=event.occurred_at,
+                venue_fill_id=p.venue_fill_id,
             )
             return record.with_order(
                 filled, fills=(*record.fills, fill), commission_asset=p.commission_asset, venue=record.venue or p.venue

@@ -2,9 +2,15 @@
 
 Consumes ``order.executed``; owns ``positions:<portfolio>`` and ``balances:<portfolio>``
 (after the admin API seeded them). For every fill it emits ``position.updated`` (with the
-fill's sequence number in that position, which replay follows) and ``portfolio.updated``
-(the balances after it). Positions net buys against sells at average cost
+fill's sequence number in that position, which replay follows, and the fill's quantity, which
+tells risk the funds it held for that fill are debited now) and ``portfolio.updated`` (the
+balances after it). Positions net buys against sells at average cost
 (``services.trading.positions``); fees are charged in the quote asset.
+
+Each ``fill_id`` is applied once, whatever arrives twice: the bus drops a repeated event id
+within its dedupe window, and the stage itself remembers the fill ids it applied to each order
+(``applied:<order_id>``, for ``FILL_MEMORY_S``), so the same fill under another event id, or
+redelivered after the window, changes nothing.
 """
 
 from __future__ import annotations
@@ -36,10 +42,16 @@ from services.core.hotstate import (
     load,
     pairs,
 )
-from services.core.telemetry import consumer_span
+from services.core.telemetry import consumer_span, get_logger
 from services.trading.money import ZERO, money_context
 
-__all__ = ["GROUP", "HANDLED", "PortfolioStage", "apply_fill_to_balances", "split_symbol"]
+__all__ = ["FILL_MEMORY_S", "GROUP", "HANDLED", "PortfolioStage", "apply_fill_to_balances", "split_symbol"]
+
+log = get_logger("zvt.portfolio")
+
+FILL_MEMORY_S = 30 * 86_400
+"""How long the applied fill ids of an order are remembered (a venue reports a fill within
+minutes; reconciliation looks at orders younger than this)."""
 
 GROUP = "portfolio"
 STAGE = "portfolio"
@@ -51,6 +63,8 @@ class _State:
     trading_state: TradingState
     balances: dict[str, Decimal]
     positions: dict[str, PositionRecord]
+    applied: set[tuple[str, str]]
+    """(order id, fill id) of the batch's fills already applied."""
 
 
 def split_symbol(symbol: str) -> tuple[str, str]:
@@ -82,11 +96,16 @@ class PortfolioStage:
         self.sk = state_keys
         self.clock = clock
 
-    async def load(self, portfolio_ids: set[str]) -> dict[str, _State]:
-        pids = sorted(portfolio_ids)
+    async def load(self, items: list[tuple[Event[Any], Commit]]) -> dict[str, _State]:
+        """The balances and positions of the batch's portfolios and which of its fills were
+        applied before: one script call."""
+        sk = self.sk
+        pids = sorted({event.portfolio_id for event, _ in items})
+        fills = sorted({(e.portfolio_id, e.payload.order_id, e.payload.fill_id) for e, _ in items})
         ops: list[tuple[str, ...]] = []
         for pid in pids:
-            ops += [("GET", self.sk.portfolio(pid)), ("HGETALL", self.sk.balances(pid)), ("HGETALL", self.sk.positions(pid))]
+            ops += [("GET", sk.portfolio(pid)), ("HGETALL", sk.balances(pid)), ("HGETALL", sk.positions(pid))]
+        ops += [("SISMEMBER", sk.applied_fills(pid, oid), fid) for pid, oid, fid in fills]
         replies = await self.reader.read(ops)
         out: dict[str, _State] = {}
         for i, pid in enumerate(pids):
@@ -96,11 +115,15 @@ class PortfolioStage:
                 trading_state=record.trading_state if record else TradingState.ACTIVE,
                 balances=decode_balances(pairs(balances)),
                 positions={k: load(PositionRecord, v) for k, v in pairs(positions).items()},
+                applied=set(),
             )
+        for (pid, oid, fid), seen in zip(fills, replies[3 * len(pids) :], strict=True):
+            if seen:
+                out[pid].applied.add((oid, fid))
         return out
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
-        states = await self.load({event.portfolio_id for event, _ in items})
+        states = await self.load(items)
         for event, commit in items:
             with consumer_span(event, GROUP):
                 try:
@@ -111,6 +134,10 @@ class PortfolioStage:
     def apply(self, event: Event[OrderExecuted], state: _State, commit: Commit) -> None:
         fill = event.payload
         pid = event.portfolio_id
+        if (fill.order_id, fill.fill_id) in state.applied:
+            log.info("fill already applied", order_id=fill.order_id, fill_id=fill.fill_id)
+            return
+        state.applied.add((fill.order_id, fill.fill_id))
         at = self.clock()
         before = state.positions.get(fill.symbol) or PositionRecord(symbol=fill.symbol)
         base, quote = split_symbol(fill.symbol)
@@ -123,6 +150,9 @@ class PortfolioStage:
         commit.write("HSET", self.sk.positions(pid), fill.symbol, dump(record))
         changed = {a: str(balances[a]) for a in {base, quote, fill.commission_asset}}
         commit.write("HSET", self.sk.balances(pid), *[x for kv in sorted(changed.items()) for x in kv])
+        applied = self.sk.applied_fills(pid, fill.order_id)
+        commit.write("SADD", applied, fill.fill_id)
+        commit.write("EXPIRE", applied, FILL_MEMORY_S)
         commit.emit(
             event.derive(
                 PositionUpdated(
@@ -133,6 +163,7 @@ class PortfolioStage:
                     order_id=fill.order_id,
                     fill_id=fill.fill_id,
                     sequence=record.fills,
+                    fill_quantity=fill.quantity,
                 ),
                 STAGE,
             )

@@ -1,7 +1,8 @@
 """``python -m services.risk``: pre-trade risk checks.
 
-Consumes ``order.requested`` and the events that finish an order, as the exclusive group
-``risk``; emits ``order.validated`` or ``order.rejected`` with a reason code.
+Consumes ``order.requested``, ``position.updated`` (fills the portfolio applied) and the events
+that end an order, as the exclusive group ``risk``; emits ``order.validated`` or
+``order.rejected`` with a reason code.
 """
 
 from __future__ import annotations
@@ -9,14 +10,21 @@ from __future__ import annotations
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
 from services.core.runtime import BatchFn, Service, main
+from services.core.settings import load
+from services.risk.settings import RiskSettings
 from services.risk.stage import GROUP, HANDLED, RiskStage
 
 
 def build(service: Service) -> None:
+    settings = load(RiskSettings)
+
     async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
         marks = Marks(service.redis, service.bus.keys)
-        return RiskStage(service.redis, StateKeys(service.bus.keys), marks).handle
+        stage = RiskStage(
+            service.redis, StateKeys(service.bus.keys), marks, market_slippage=settings.market_slippage
+        )
+        return stage.handle
 
     service.stage(GROUP, HANDLED, open_stage)
 

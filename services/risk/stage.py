@@ -1,9 +1,14 @@
 """The risk stage: approve or reject each ``order.requested``, and set funds aside for it.
 
-Consumes ``order.requested`` (decides), and the events that finish an order
-(``order.executed`` with nothing left, ``order.failed``, ``order.canceled``) to release what
-the order had reserved. Emits ``order.validated`` or ``order.rejected`` (reason codes of
-``services.trading.risk.RejectReason``).
+Consumes ``order.requested`` (decides), ``position.updated`` (the portfolio stage applied a
+fill: the funds held for it are in the balance now) and the events that end an order with a
+part unfilled (``order.failed``, ``order.canceled``) to release what the order had held
+(``services.trading.funds``: never before the portfolio stage has debited it, so a portfolio
+service that falls behind cannot let an order spend funds a filled one already used). Emits
+``order.validated`` or ``order.rejected`` (reason codes of ``services.trading.risk.RejectReason``).
+
+A request whose order has already left ``requested`` (redelivered after its dedupe window,
+or published again) is dropped: the decision was made once, and its hold may be gone.
 
 The decision itself is ``services.trading.risk.check_order``; this module only gathers its
 inputs (the portfolio's limits and trading state, positions, balances less reservations,
@@ -27,15 +32,17 @@ from services.core.events import (
     Event,
     EventType,
     OrderCanceled,
-    OrderExecuted,
     OrderFailed,
     OrderRejected,
     OrderRequested,
+    OrderType,
     OrderValidated,
+    PositionUpdated,
     Side,
     utcnow,
 )
 from services.core.hotstate import (
+    OrderRecord,
     PortfolioRecord,
     PositionRecord,
     Reservation,
@@ -48,18 +55,23 @@ from services.core.hotstate import (
     pairs,
 )
 from services.core.marks import Marks
-from services.core.telemetry import consumer_span
+from services.core.telemetry import consumer_span, get_logger
 from services.risk.instruments import INSTRUMENTS, TAKER_FEE
+from services.risk.settings import DEFAULT_MARKET_SLIPPAGE
+from services.trading.funds import hold_for
 from services.trading.money import ZERO, money_context
+from services.trading.orders import OrderStatus
 from services.trading.risk import RejectReason, check_order
 
 __all__ = ["GROUP", "HANDLED", "RiskStage"]
+
+log = get_logger("zvt.risk")
 
 GROUP = "risk"
 STAGE = "risk"
 HANDLED = (
     EventType.ORDER_REQUESTED,
-    EventType.ORDER_EXECUTED,
+    EventType.POSITION_UPDATED,
     EventType.ORDER_FAILED,
     EventType.ORDER_CANCELED,
 )
@@ -74,6 +86,8 @@ class PortfolioState:
     reserved: dict[str, Decimal] = field(default_factory=dict)
     open: dict[str, Reservation | None] = field(default_factory=dict)
     """The reservations of the orders this batch names (``None``: none, or released)."""
+    decided: set[str] = field(default_factory=set)
+    """The requested orders of this batch whose record has left ``requested``."""
     dirty: bool = False
 
     def record(self) -> RiskRecord:
@@ -82,8 +96,10 @@ class PortfolioState:
 
 class RiskStage:
     def __init__(
-        self, redis: Any, state_keys: StateKeys, marks: Marks, *, clock: Callable[[], dt.datetime] = utcnow
+        self, redis: Any, state_keys: StateKeys, marks: Marks, *, clock: Callable[[], dt.datetime] = utcnow,
+        market_slippage: Decimal = DEFAULT_MARKET_SLIPPAGE,
     ) -> None:
+        self.market_slippage = market_slippage
         self.redis = redis
         self.reader = StateReader(redis)
         self.sk = state_keys
@@ -91,16 +107,20 @@ class RiskStage:
         self.clock = clock
 
     async def load(self, items: list[tuple[Event[Any], Commit]]) -> dict[str, PortfolioState]:
-        """The state of every portfolio in the batch, and the reservation of every order it
-        names: one pipelined round trip."""
+        """The state of every portfolio in the batch, the reservation of every order it names
+        and the status of every requested order: one script call."""
         sk = self.sk
         pids = sorted({event.portfolio_id for event, _ in items})
-        orders = sorted({(event.portfolio_id, event.payload.order_id) for event, _ in items})
+        orders = sorted({(e.portfolio_id, e.payload.order_id) for e, _ in items if e.payload.order_id is not None})
+        requested = sorted(
+            {(e.portfolio_id, e.payload.order_id) for e, _ in items if e.event_type is EventType.ORDER_REQUESTED}
+        )
         ops: list[tuple[str, ...]] = []
         for pid in pids:
             ops += [("GET", sk.portfolio(pid)), ("HGETALL", sk.balances(pid)), ("HGETALL", sk.positions(pid)),
                     ("GET", sk.risk(pid))]
         ops += [("HGET", sk.reservations(pid), oid) for pid, oid in orders]
+        ops += [("GET", sk.order(pid, oid)) for pid, oid in requested]
         replies = await self.reader.read(ops)
         states: dict[str, PortfolioState] = {}
         for i, pid in enumerate(pids):
@@ -113,8 +133,12 @@ class RiskStage:
                 recent=list(record.recent),
                 reserved=dict(record.reserved),
             )
-        for (pid, oid), raw in zip(orders, replies[4 * len(pids) :], strict=True):
+        start = 4 * len(pids)
+        for (pid, oid), raw in zip(orders, replies[start : start + len(orders)], strict=True):
             states[pid].open[oid] = load(Reservation, raw) if raw else None
+        for (pid, oid), raw in zip(requested, replies[start + len(orders) :], strict=True):
+            if raw and load(OrderRecord, raw).status is not OrderStatus.REQUESTED:
+                states[pid].decided.add(oid)
         return states
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
@@ -142,7 +166,8 @@ class RiskStage:
         """Decide one order request; emit the decision and reserve funds for an approval."""
         request = event.payload
         now = self.clock()
-        if state.open.get(request.order_id) is not None:
+        if state.open.get(request.order_id) is not None or request.order_id in state.decided:
+            log.info("request already decided", order_id=request.order_id)
             return  # decided before (a redelivered request): the decision stands
         portfolio = state.portfolio
         if portfolio is None:
@@ -170,20 +195,20 @@ class RiskStage:
             recent_order_times=len(state.recent),
             now=now,
             fee_rate=TAKER_FEE.get(request.symbol, ZERO),
+            slippage=self.market_slippage,
         )
         if not decision.approved:
             assert decision.reason is not None
             commit.emit(_rejected(event, decision.reason, decision.message))
             return
-        assert instrument is not None and decision.notional is not None
+        assert instrument is not None and decision.worst_price is not None
+        hold = hold_for(
+            request.side, request.quantity, decision.worst_price, TAKER_FEE.get(request.symbol, ZERO),
+            instrument.base, instrument.quote,
+        )
+        reservation = Reservation.of(hold)
         with money_context():
-            if request.side is Side.BUY:
-                reservation = Reservation(
-                    instrument.quote, decision.notional * (1 + TAKER_FEE.get(request.symbol, ZERO))
-                )
-            else:
-                reservation = Reservation(instrument.base, request.quantity)
-            reserved[reservation.asset] = reserved.get(reservation.asset, ZERO) + reservation.amount
+            reserved[hold.asset] = reserved.get(hold.asset, ZERO) + hold.held
         state.open[request.order_id] = reservation
         state.recent.append(now_ms)
         state.dirty = True
@@ -201,25 +226,48 @@ class RiskStage:
                     time_in_force=request.time_in_force,
                     venue=request.venue,
                     reference_price=reference,
+                    price_cap=(
+                        decision.worst_price
+                        if request.order_type is OrderType.MARKET and request.side is Side.BUY else None
+                    ),
                 ),
                 STAGE,
             )
         )
 
     def release(self, event: Event[Any], state: PortfolioState, commit: Commit) -> None:
-        """An order finished: give back what it had reserved."""
+        """The portfolio applied a fill, or the order ended: give back what is no longer needed."""
         payload = event.payload
-        if isinstance(payload, OrderExecuted) and payload.leaves_quantity > 0:
+        if payload.order_id is None:
             return
-        assert isinstance(payload, OrderExecuted | OrderFailed | OrderCanceled)
         reservation = state.open.get(payload.order_id)
         if reservation is None:
             return
+        hold = reservation.to_hold()
+        if isinstance(payload, PositionUpdated):
+            if payload.fill_quantity is None:
+                return
+            after = hold.confirm(payload.fill_quantity)
+        elif isinstance(payload, OrderCanceled):
+            after = hold.close(payload.filled_quantity)
+        else:
+            assert isinstance(payload, OrderFailed)
+            after = hold.close(payload.filled_quantity or ZERO)
+        if not reservation.quantity:
+            # held before holds tracked fills: the whole amount, until the order's first news
+            before_held, after_held, done = reservation.amount, ZERO, True
+        else:
+            before_held, after_held, done = hold.held, after.held, after.done
         with money_context():
-            state.reserved[reservation.asset] = state.reserved.get(reservation.asset, ZERO) - reservation.amount
-        state.open[payload.order_id] = None
+            state.reserved[hold.asset] = state.reserved.get(hold.asset, ZERO) - (before_held - after_held)
         state.dirty = True
-        commit.write("HDEL", self.sk.reservations(event.portfolio_id), payload.order_id)
+        if done:
+            state.open[payload.order_id] = None
+            commit.write("HDEL", self.sk.reservations(event.portfolio_id), payload.order_id)
+        else:
+            kept = Reservation.of(after)
+            state.open[payload.order_id] = kept
+            commit.write("HSET", self.sk.reservations(event.portfolio_id), payload.order_id, dump(kept))
 
 
 def _rejected(event: Event[OrderRequested], reason: RejectReason, message: str) -> Event[Any]:

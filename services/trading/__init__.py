@@ -1,4 +1,5 @@
-"""The pure trading domain: order state machine, positions and PnL, pre-trade risk, routing.
+"""The pure trading domain: order state machine, positions and PnL, pre-trade risk, funds held
+for open orders, routing.
 
 No I/O here: no Redis, no HTTP, no asyncio, no clock reads (time is a parameter), and money
 is ``Decimal`` only, so the same code runs in a stream consumer, a Hatchet task, a replay and
@@ -7,6 +8,7 @@ a unit test. Enums shared with events (``Side``, ``OrderType``...) live in ``ser
 
 from __future__ import annotations
 
+from services.trading.funds import Hold, hold_for
 from services.trading.money import DECIMAL_CONTEXT
 from services.trading.orders import (
     TERMINAL,
@@ -31,6 +33,7 @@ __all__ = [
     "DECIMAL_CONTEXT",
     "TERMINAL",
     "TRANSITIONS",
+    "Hold",
     "Instrument",
     "InvalidFill",
     "InvalidTransition",
@@ -46,4 +49,5 @@ __all__ = [
     "VenueOption",
     "check_order",
     "choose_venue",
+    "hold_for",
 ]

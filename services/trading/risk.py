@@ -19,12 +19,15 @@ the first that fails, so the same request in the same state always gets the same
 11. MAX_POSITION          the resulting absolute position exceeds the per-symbol limit (an
                           order that shrinks the absolute position always passes this rule)
 12. ORDER_RATE            max_orders_per_window orders already in the trailing window
-13. INSUFFICIENT_BALANCE  a buy needs quote >= notional * (1 + fee_rate); a sell needs base
-                          >= quantity (spot: no borrowing)
+13. INSUFFICIENT_BALANCE  a buy needs quote >= quantity * worst price * (1 + fee_rate); a sell
+                          needs base >= quantity (spot: no borrowing)
 
 The request's own shape (1-4) comes first, so a malformed order is reported as malformed in
 any state; then the portfolio's state (5-6); then the checks against the market and limits.
 Notional is quantity times the limit price, or the reference price for a market order.
+The worst price a buy can fill at is its limit price, or for a market buy the reference price
+plus the ``slippage`` allowance (routing caps the order there): that is what the balance must
+cover, and what risk holds for the order (``services.trading.funds``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import dataclasses
 import datetime as dt
 import enum
 from collections.abc import Iterable, Mapping
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Protocol
 
 from services.core.events import OrderType, Side, TradingState
@@ -129,10 +132,13 @@ class RiskDecision:
     message: str
     notional: Decimal | None
     """Quote-currency value of the order, once it could be computed."""
+    worst_price: Decimal | None = None
+    """An approved order's worst fill price: the limit, or a market order's reference price
+    moved by the slippage allowance against it."""
 
     @classmethod
-    def approve(cls, notional: Decimal) -> RiskDecision:
-        return cls(True, None, "approved", notional)
+    def approve(cls, notional: Decimal, worst_price: Decimal) -> RiskDecision:
+        return cls(True, None, "approved", notional, worst_price)
 
     @classmethod
     def reject(cls, reason: RejectReason, message: str, notional: Decimal | None = None) -> RiskDecision:
@@ -151,13 +157,15 @@ def check_order(
     recent_order_times: Iterable[dt.datetime] | int,
     now: dt.datetime,
     fee_rate: Decimal = ZERO,
+    slippage: Decimal = ZERO,
 ) -> RiskDecision:
     """Approve ``request`` or reject it with the first failing rule (module docstring).
 
     ``position_quantity`` is the signed position in the symbol; ``balances`` the available
     (free) balance per asset; ``recent_order_times`` when this portfolio's earlier accepted
     orders were checked (or how many of them fall in the rate window, counted by the caller);
-    ``fee_rate`` the allowance a buy must also be able to pay.
+    ``fee_rate`` the allowance a buy must also be able to pay; ``slippage`` how far past the
+    reference price a market order may fill (a fraction).
     """
     reject = RiskDecision.reject
     R = RejectReason
@@ -231,8 +239,14 @@ def check_order(
                 f"{in_window} orders in the last {limits.window_seconds}s (limit {limits.max_orders_per_window})",
                 notional,
             )
+        if price is not None:
+            worst = price
+        elif request.side is Side.BUY:
+            worst = _to_step(reference_price * (1 + slippage), instrument.price_step, ROUND_CEILING)
+        else:
+            worst = _to_step(reference_price * (1 - slippage), instrument.price_step, ROUND_FLOOR)
         if request.side is Side.BUY:
-            needed, asset = notional * (1 + fee_rate), instrument.quote
+            needed, asset = qty * worst * (1 + fee_rate), instrument.quote
         else:
             needed, asset = qty, instrument.base
         available = balances.get(asset, ZERO)
@@ -240,7 +254,11 @@ def check_order(
             return reject(
                 R.INSUFFICIENT_BALANCE, f"needs {needed} {asset}, {available} available", notional
             )
-    return RiskDecision.approve(notional)
+    return RiskDecision.approve(notional, worst)
+
+
+def _to_step(price: Decimal, step: Decimal, rounding: str) -> Decimal:
+    return (price / step).to_integral_value(rounding=rounding) * step
 
 
 def _reduces(before: Decimal, after: Decimal) -> bool:

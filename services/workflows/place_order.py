@@ -43,7 +43,7 @@ log = get_logger("zvt.workflows.place_order")
 STAGE = "workflow"
 FAILURE_STAGE = "workflow-failure"
 _ROUTING_OUTPUTS = (EventType.EXCHANGE_ROUTED, EventType.ORDER_EXECUTED, EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
-_RELEASES = (EventType.ORDER_EXECUTED, EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
+_RELEASES = (EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
 
 
 def _events(output: Any) -> list[Event[Any]]:
@@ -147,7 +147,12 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
             if event.event_type in _ROUTING_OUTPUTS:
                 emitted += await _stage(stages.run("order", stages.order.handle, event))
             if event.event_type is EventType.ORDER_EXECUTED:
-                emitted += await _stage(stages.run("portfolio", stages.portfolio.handle, event))
+                applied = await _stage(stages.run("portfolio", stages.portfolio.handle, event))
+                emitted += applied
+                # risk lets go of a fill's funds once the portfolio has debited them
+                for update in applied:
+                    if update.event_type is EventType.POSITION_UPDATED:
+                        emitted += await _stage(stages.run("risk", stages.risk.handle, update))
             if event.event_type in _RELEASES:
                 emitted += await _stage(stages.run("risk", stages.risk.handle, event))
         (requested,) = _events(ctx.task_output(validate_request))

@@ -11,6 +11,8 @@ from services.core.hotstate import StateKeys
 from services.core.marks import Marks
 from services.order.stage import OrderStage
 from services.portfolio.stage import PortfolioStage
+from services.core.settings import load
+from services.risk.settings import RiskSettings
 from services.risk.stage import RiskStage
 from services.routing.stage import RoutingStage
 from services.venues.base import Venue
@@ -32,7 +34,7 @@ class Stages:
         marks = Marks(redis, bus.keys)
         self.bus = bus
         self.keys = sk
-        self.risk = RiskStage(redis, sk, marks)
+        self.risk = RiskStage(redis, sk, marks, market_slippage=load(RiskSettings).market_slippage)
         self.order = OrderStage(redis, sk)
         self.portfolio = PortfolioStage(redis, sk)
         self.venues = list(venues)

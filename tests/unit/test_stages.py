@@ -145,8 +145,20 @@ def portfolio_state(usdt: str, trading_state: TradingState = TradingState.ACTIVE
     )
 
 
-def test_risk_stage_when_orders_approved_reserves_funds_until_they_finish() -> None:
-    stage = RiskStage(None, SK, None, clock=lambda: NOW)  # type: ignore[arg-type]
+def position_updated(order_id: str, fill_quantity: str) -> Event[Any]:
+    from services.core.events import PositionUpdated
+
+    return Event.new(
+        PositionUpdated(
+            symbol="BTC/USDT", quantity=D(fill_quantity), average_price=D("60000"), realized_pnl=D(0),
+            order_id=order_id, fill_id=f"{order_id}:1", sequence=1, fill_quantity=D(fill_quantity),
+        ),
+        portfolio_id="pf",
+    )
+
+
+def test_risk_stage_when_orders_approved_holds_funds_until_the_portfolio_applied_their_fills() -> None:
+    stage = RiskStage(None, SK, None, clock=lambda: NOW, market_slippage=D("0"))  # type: ignore[arg-type]
     state = portfolio_state("7000")
     marks = {"BTC/USDT": D("60000")}
     first, second = commit_for("pf"), commit_for("pf")
@@ -156,14 +168,26 @@ def test_risk_stage_when_orders_approved_reserves_funds_until_they_finish() -> N
     assert second.outputs[0].payload.reason_code == "INSUFFICIENT_BALANCE"
     assert state.reserved["USDT"] == D("6006.0")
     assert first.writes[0][:3] == ("HSET", SK.reservations("pf"), "o-1")
+    half = commit_for("pf")
+    stage.release(position_updated("o-1", "0.05"), state, half)  # half applied: half still held
+    assert state.reserved["USDT"] == D("3003.0") and half.writes[0][:3] == ("HSET", SK.reservations("pf"), "o-1")
     released = commit_for("pf")
-    stage.release(executed(1, "0.1", "0", "0.1"), state, released)  # o-1 done: its reservation goes
+    stage.release(position_updated("o-1", "0.05"), state, released)  # all applied: the hold goes
     assert released.writes == [("HDEL", SK.reservations("pf"), "o-1")]
     third = commit_for("pf")
     stage.assess(request(order_id="o-3"), state, marks, third)
     assert third.outputs[0].event_type is EventType.ORDER_VALIDATED
     assert {k for k, v in state.open.items() if v} == {"o-3"}
     assert state.record().reserved == {"USDT": D("6006.0")} and len(state.record().recent) == 2
+
+
+def test_risk_stage_when_market_buy_approved_caps_its_price_where_it_held_funds() -> None:
+    stage = RiskStage(None, SK, None, clock=lambda: NOW, market_slippage=D("0.01"))  # type: ignore[arg-type]
+    state = portfolio_state("7000")
+    commit = commit_for("pf")
+    stage.assess(request(order_id="o-1"), state, {"BTC/USDT": D("60000")}, commit)
+    assert commit.outputs[0].payload.price_cap == D("60600")
+    assert state.reserved["USDT"] == D("0.1") * D("60600") * D("1.001")
 
 
 def test_risk_stage_when_portfolio_halted_rejects() -> None:
@@ -176,7 +200,7 @@ def test_risk_stage_when_portfolio_halted_rejects() -> None:
 
 def test_portfolio_stage_when_fills_applied_moves_position_and_balances() -> None:
     stage = PortfolioStage(None, SK, clock=lambda: NOW)
-    state = _State(trading_state=TradingState.ACTIVE, balances={"USDT": D("1000")}, positions={})
+    state = _State(trading_state=TradingState.ACTIVE, balances={"USDT": D("1000")}, positions={}, applied=set())
     commit = commit_for("pf")
     stage.apply(executed(1, "2", "0", "2"), state, commit)
     assert state.positions["BTC/USDT"].quantity == D("2") and state.positions["BTC/USDT"].fills == 1

@@ -80,7 +80,17 @@ def assert_rejected(decision: RiskDecision, reason: RejectReason) -> None:
 class TestApproves:
     def test_check_order_when_limit_buy_within_limits_approves_with_notional(self) -> None:
         decision = check()
-        assert decision == RiskDecision(True, None, "approved", D("25000.0"))
+        assert decision == RiskDecision(True, None, "approved", D("25000.0"), D("50000"))
+
+    def test_check_order_when_market_buy_needs_the_slippage_allowance_on_top_of_the_reference(self) -> None:
+        market = request(order_type=OrderType.MARKET, price=None, quantity=D("1"))
+        # 50000 at the reference, 50500 with 1% slippage, plus a 0.1% fee: 50550.5
+        enough = check(market, balances={"USDT": D("50550.5")}, slippage=D("0.01"), fee_rate=D("0.001"))
+        assert enough.approved and enough.worst_price == D("50500")
+        short = check(market, balances={"USDT": D("50550.49")}, slippage=D("0.01"), fee_rate=D("0.001"))
+        assert_rejected(short, RejectReason.INSUFFICIENT_BALANCE)
+        # without the allowance the reference price alone would have been enough
+        assert check(market, balances={"USDT": D("50050")}, fee_rate=D("0.001")).approved
 
     def test_check_order_when_market_sell_uses_reference_price_for_notional(self) -> None:
         decision = check(request(side=Side.SELL, order_type=OrderType.MARKET, price=None))
