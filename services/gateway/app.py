@@ -151,7 +151,8 @@ class Gateway:
                 if self._store is None:
                     try:
                         self._store = await EventStore.open(
-                            self.settings.postgres_dsn, max_size=self.settings.postgres_pool_size
+                            self.settings.postgres_dsn, max_size=self.settings.postgres_pool_size,
+                            namespace=self.bus.settings.namespace,
                         )
                     except Exception as exc:
                         log.warning("event store unavailable", error=type(exc).__name__)
@@ -568,7 +569,7 @@ def create_app(gw: Gateway) -> FastAPI:
         "/v1/orders/{order_id}", summary="An order", tags=["orders"],
         responses={200: _ok("The order", "OrderView"), **_problems(404)},
     )
-    async def get_order(request: Request, order_id: str = Path(max_length=64)) -> Response:
+    async def get_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.READ)
         return json_response(order_view(await visible_order(caller, order_id)))
@@ -577,7 +578,7 @@ def create_app(gw: Gateway) -> FastAPI:
         "/v1/orders/{order_id}", status_code=202, summary="Cancel an order", tags=["orders"],
         responses={202: _ok("Cancel requested; the order as it is now", "OrderView"), **_problems(404, 409)},
     )
-    async def cancel_order(request: Request, order_id: str = Path(max_length=64)) -> Response:
+    async def cancel_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.TRADE)
         record = await visible_order(caller, order_id)
@@ -593,7 +594,7 @@ def create_app(gw: Gateway) -> FastAPI:
         responses={200: {"description": "The run: `workflow`, `status` (queued, running, completed, failed), "
                                         "`result` or `error` and `step`"}, **_problems(404)},
     )
-    async def get_workflow(request: Request, run_id: str = Path(max_length=64)) -> Response:
+    async def get_workflow(request: Request, run_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.READ)
         run = await gw.workflows.runs.get(run_id)
@@ -724,7 +725,7 @@ def create_app(gw: Gateway) -> FastAPI:
         responses={204: {"description": f"Revoked (other processes within {settings.key_cache_ttl_s:g} s)"},
                    **_problems(404)},
     )
-    async def revoke_api_key(request: Request, key_id: str = Path(max_length=64)) -> Response:
+    async def revoke_api_key(request: Request, key_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.ADMIN)
         if not await gw.api_keys.revoke(key_id):

@@ -36,18 +36,38 @@ __all__ = [
     "positive_decimal",
 ]
 
-ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-SYMBOL_PATTERN = r"^[A-Z0-9]{2,12}/[A-Z0-9]{2,12}$"
-ASSET_PATTERN = r"^[A-Z0-9]{2,12}$"
-DECIMAL_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,18})?$"
+# Every pattern matches a value in full. Each is written twice from one body: ``^body$`` is
+# the JSON Schema (ECMA-262) form, where ``$`` is the end of the input; it is what the OpenAPI
+# document shows and what FastAPI's path and query parameters use (pydantic-core's regex
+# engine also reads ``$`` as the end of the input). msgspec matches with Python's
+# ``re.search``, where ``$`` also matches before a final newline (``"pf-1\n"`` would pass), so
+# the bodies' structs use ``^body\Z``; ``openapi_components`` writes those back as ``$``.
+_ID = r"[A-Za-z0-9._:-]{1,64}"
+_SYMBOL = r"[A-Z0-9]{2,12}/[A-Z0-9]{2,12}"
+_ASSET = r"[A-Z0-9]{2,12}"
+_DECIMAL = r"[0-9]{1,20}(\.[0-9]{1,18})?"
+_NAME = r"[A-Za-z0-9 ._:-]{1,64}"
 
-Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1 to 64 of `A-Z a-z 0-9 . _ : -`")]
-Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN, description="`BASE/QUOTE`, e.g. `BTC/USDT`")]
-Asset = Annotated[str, msgspec.Meta(pattern=ASSET_PATTERN, description="An asset, e.g. `USDT`")]
+ID_PATTERN = f"^{_ID}$"
+"""An id as JSON Schema and FastAPI parameters read it (``$``: end of input)."""
+SYMBOL_PATTERN = f"^{_SYMBOL}$"
+ASSET_PATTERN = f"^{_ASSET}$"
+DECIMAL_PATTERN = f"^{_DECIMAL}$"
+NAME_PATTERN = f"^{_NAME}$"
+
+
+def _exact(body: str) -> str:
+    """The body as a Python pattern that ``re.search`` (msgspec) only matches in full."""
+    return f"^{body}\\Z"
+
+
+Id = Annotated[str, msgspec.Meta(pattern=_exact(_ID), description="1 to 64 of `A-Z a-z 0-9 . _ : -`")]
+Symbol = Annotated[str, msgspec.Meta(pattern=_exact(_SYMBOL), description="`BASE/QUOTE`, e.g. `BTC/USDT`")]
+Asset = Annotated[str, msgspec.Meta(pattern=_exact(_ASSET), description="An asset, e.g. `USDT`")]
 DecimalString = Annotated[
-    str, msgspec.Meta(pattern=DECIMAL_PATTERN, description="A non-negative decimal as a string, e.g. `\"0.25\"`")
+    str, msgspec.Meta(pattern=_exact(_DECIMAL), description="A non-negative decimal as a string, e.g. `\"0.25\"`")
 ]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 ._:-]{1,64}$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_exact(_NAME))]
 
 
 class Scope(enum.StrEnum):
@@ -248,6 +268,7 @@ T = TypeVar("T")
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _AT = re.compile(r" - at `(?:key` in `)?\$\.?(.*)`$")
 _NAMED = re.compile(r"field `([^`]+)`")
+_EXACT_END = re.compile(r"\\\\Z'")
 
 
 def decode_body(data: bytes, cls: type[T]) -> T:
@@ -261,10 +282,15 @@ def decode_body(data: bytes, cls: type[T]) -> T:
         raise _invalid(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise Problem(422, "malformed_json", f"the body is not valid JSON: {exc}", errors=[FieldError("body", str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        # msgspec decodes strings and keys lazily and lets this through: JSON text is UTF-8
+        message = f"not UTF-8 at byte {exc.start}: {exc.reason}"
+        raise Problem(422, "malformed_json", f"the body is not valid JSON: {message}", errors=[FieldError("body", message)]) from None
     return result
 
 
 def _invalid(message: str) -> Problem:
+    message = _EXACT_END.sub("$'", message)  # the pattern as the OpenAPI document writes it
     at = _AT.search(message)
     path = at.group(1) if at else ""
     text = message[: at.start()] if at else message
@@ -294,4 +320,17 @@ def openapi_components() -> dict[str, Any]:
         ],
         ref_template="#/components/schemas/{name}",
     )
-    return components
+    out: dict[str, Any] = _json_schema_patterns(components)
+    return out
+
+
+def _json_schema_patterns(node: Any) -> Any:
+    """``node`` with every Python ``^body\\Z`` pattern written as JSON Schema's ``^body$``."""
+    if isinstance(node, dict):
+        return {
+            k: (v[:-2] + "$" if k == "pattern" and isinstance(v, str) and v.endswith("\\Z") else _json_schema_patterns(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_json_schema_patterns(v) for v in node]
+    return node

@@ -93,8 +93,6 @@ class OrderDesk:
     @staticmethod
     def validate(body: OrderBody) -> tuple[Decimal, Decimal | None]:
         """Checks the schema cannot express; 422 naming the field."""
-        if body.client_order_id[-1] == "\n" or body.portfolio_id[-1] == "\n" or body.symbol[-1] == "\n":
-            raise Problem.invalid("client_order_id", "must not end with a newline")
         quantity = positive_decimal(body.quantity, "quantity")
         price: Decimal | None = None
         if body.type is OrderType.LIMIT:

@@ -57,8 +57,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         # The bus namespace an event was recorded from: one database can hold several
         # platforms (environments, test runs) whose portfolio ids overlap.
         """
-        ALTER TABLE zvt_events ADD COLUMN namespace text NOT NULL DEFAULT 'zvt';
-        CREATE INDEX zvt_events_namespace_type ON zvt_events (namespace, event_type, seq);
+        ALTER TABLE zvt_events ADD COLUMN IF NOT EXISTS namespace text NOT NULL DEFAULT 'zvt';
+        CREATE INDEX IF NOT EXISTS zvt_events_namespace_type ON zvt_events (namespace, event_type, seq);
+        """,
+    ),
+    (
+        3,
+        # Every lookup is scoped to one namespace (two deployments sharing a database must not
+        # see each other's audit trail), so the lookup indexes lead with it. Rows stored before
+        # step 2 carry the default namespace 'zvt' (docs/api.md, Audit: moving them).
+        """
+        CREATE INDEX IF NOT EXISTS zvt_events_ns_correlation ON zvt_events (namespace, correlation_id, seq);
+        CREATE INDEX IF NOT EXISTS zvt_events_ns_order ON zvt_events (namespace, order_id, seq)
+            WHERE order_id IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS zvt_events_ns_portfolio ON zvt_events (namespace, portfolio_id, seq);
+        DROP INDEX IF EXISTS zvt_events_correlation;
+        DROP INDEX IF EXISTS zvt_events_order;
+        DROP INDEX IF EXISTS zvt_events_portfolio;
         """,
     ),
 ]
@@ -84,8 +99,9 @@ class EventStore:
     """Append-only store of events over a psycopg connection pool."""
 
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], namespace: str = "zvt") -> None:
-        """``namespace``: the bus namespace appended events come from, and the one replay
-        reads (ids are unique everywhere, so lookups by correlation or order id ignore it)."""
+        """``namespace``: the bus namespace appended events come from, and the only one every
+        lookup reads: two deployments (or test runs) may share a database, and an id one of
+        them chose (a workflow run id, a client's correlation id) may exist in the other."""
         self.pool = pool
         self.namespace = namespace
 
@@ -131,11 +147,12 @@ class EventStore:
         return max(inserted, 0)
 
     async def events_for_correlation(self, correlation_id: str, limit: int = 10_000) -> list[StoredEvent]:
-        """The audit trail of one order or workflow run, in causal order."""
-        return await self._select("correlation_id = %s", (correlation_id,), limit)
+        """The audit trail of one order or workflow run (of this store's namespace), in causal order."""
+        return await self._select("namespace = %s AND correlation_id = %s", (self.namespace, correlation_id), limit)
 
     async def events_for_order(self, order_id: str, limit: int = 10_000) -> list[StoredEvent]:
-        return await self._select("order_id = %s", (order_id,), limit)
+        """The events of one order (of this store's namespace), in stored order."""
+        return await self._select("namespace = %s AND order_id = %s", (self.namespace, order_id), limit)
 
     async def events_for_portfolio(self, portfolio_id: str, after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
         """A portfolio's events (of this store's namespace) in stored order, from ``after_seq`` on."""
@@ -151,8 +168,9 @@ class EventStore:
         )
 
     async def count(self) -> int:
+        """How many events this store's namespace holds."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM zvt_events")
+            cur = await conn.execute("SELECT count(*) FROM zvt_events WHERE namespace = %s", (self.namespace,))
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 

@@ -433,7 +433,7 @@ async def test_events_when_recorded_come_in_order_and_only_for_granted_portfolio
         p = requested.payload
         rejected = requested.derive(OrderRejected(order_id=order_id, client_order_id=p.client_order_id,
                                                   reason_code="UNKNOWN_SYMBOL", reason="-", stage="risk"), "risk")
-        store = await EventStore.open(event_db)
+        store = await EventStore.open(event_db, namespace=w.bus.keys.namespace)
         try:
             await store.migrate()
             await store.append([requested, rejected])
