@@ -284,7 +284,7 @@ def decode_body(data: bytes, cls: type[T]) -> T:
         raise Problem(422, "malformed_json", f"the body is not valid JSON: {exc}", errors=[FieldError("body", str(exc))]) from None
     except UnicodeDecodeError as exc:
         # msgspec decodes strings and keys lazily and lets this through: JSON text is UTF-8
-        message = f"not UTF-8 at byte {exc.start}: {exc.reason}"
+        message = f"a string or key is not UTF-8 ({exc.reason})"
         raise Problem(422, "malformed_json", f"the body is not valid JSON: {message}", errors=[FieldError("body", message)]) from None
     return result
 

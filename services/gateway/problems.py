@@ -65,7 +65,20 @@ def problem_response(
     except ValueError:
         title = "Error"
     body = ProblemBody(type=f"/problems/{code}", title=title, status=status, detail=detail, code=code, errors=errors)
-    return Response(_encode(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    try:
+        content = _encode(body)
+    except UnicodeEncodeError:
+        # a lone surrogate from the request in the detail or a field name: still the 4xx, escaped
+        body = ProblemBody(
+            type=body.type, title=title, status=status, detail=_utf8(detail), code=code,
+            errors=None if errors is None else [FieldError(_utf8(e.field), _utf8(e.message)) for e in errors],
+        )
+        content = _encode(body)
+    return Response(content, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def from_problem(exc: Problem) -> Response:
