@@ -56,6 +56,7 @@ from services.gateway.models import (
 )
 from services.gateway.orders import OrderDesk, Submitted, order_view
 from services.gateway.portfolios import Portfolios
+from services.gateway.limits import OrderRate, WaitCap
 from services.gateway.problems import FieldError, Problem, field_of, from_problem, problem_response
 from services.gateway.settings import GatewaySettings
 from services.gateway.waiters import Waiters
@@ -93,8 +94,13 @@ class Gateway:
         self.bus = bus
         self.redis = bus.redis
         self.settings = settings
-        self.api_keys = ApiKeys(bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s)
+        self.api_keys = ApiKeys(
+            bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s, cache_size=settings.key_cache_size,
+            bad_key_ttl_s=settings.bad_key_cache_ttl_s,
+        )
         self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s)
+        self.order_rate = OrderRate(bus.redis, bus.keys, settings.key_order_rate, settings.key_order_window_s)
+        self.wait_cap = WaitCap(settings.key_max_waits, settings.retry_after_s)
         self.portfolios = Portfolios(bus)
         self.workflows = WorkflowDesk(bus, hatchet or load(HatchetSettings))
         self.waiters = Waiters(
@@ -375,7 +381,8 @@ _PROBLEM_TEXT = {
     409: "Conflict",
     413: "Body too large (`payload_too_large`)",
     422: "Invalid input; `errors` names each field",
-    429: "The pipeline is behind (`backpressure`); retry after `Retry-After` seconds",
+    429: "The pipeline is behind (`backpressure`), or the key is over its order rate (`rate_limited`) or its "
+         "open waits (`too_many_waits`); retry after `Retry-After` seconds",
     503: "A dependency is unavailable",
 }
 
@@ -517,27 +524,34 @@ def create_app(gw: Gateway) -> FastAPI:
                 429, "backpressure", "the order pipeline is behind; retry later",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
-        submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
-        record = submitted.record
-        headers: dict[str, str] = {}
-        if durable:
-            headers["X-Workflow-Run-Id"] = await start_durable(submitted)
         if wait is not None:
-            key = gw.desk.record_key(record.order_id)
-            if key is not None:
-                record = await gw.waiters.wait(record.order_id, key, wait) or record
-            done = record.is_terminal or not submitted.created
-            return json_response(order_view(record), 200 if done else 202, headers)
-        if not submitted.created:
-            return json_response(order_view(record), 200, headers)
-        return json_response(
-            OrderAccepted(
-                order_id=record.order_id, client_order_id=record.client_order_id, status=record.status,
-                correlation_id=record.correlation_id,
-            ),
-            202,
-            headers,
-        )
+            gw.wait_cap.take(caller.key_id)  # 429 too_many_waits: nothing submitted
+        try:
+            await gw.order_rate.check(caller.key_id)  # 429 rate_limited: one round trip
+            submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
+            record = submitted.record
+            headers: dict[str, str] = {}
+            if durable:
+                headers["X-Workflow-Run-Id"] = await start_durable(submitted)
+            if wait is not None:
+                key = gw.desk.record_key(record.order_id)
+                if key is not None:
+                    record = await gw.waiters.wait(record.order_id, key, wait) or record
+                done = record.is_terminal or not submitted.created
+                return json_response(order_view(record), 200 if done else 202, headers)
+            if not submitted.created:
+                return json_response(order_view(record), 200, headers)
+            return json_response(
+                OrderAccepted(
+                    order_id=record.order_id, client_order_id=record.client_order_id, status=record.status,
+                    correlation_id=record.correlation_id,
+                ),
+                202,
+                headers,
+            )
+        finally:
+            if wait is not None:
+                gw.wait_cap.give_back(caller.key_id)
 
     async def start_durable(submitted: Submitted) -> str:
         """The run of a durable order: started now, or the one started before. A repeat of an
@@ -702,7 +716,8 @@ def create_app(gw: Gateway) -> FastAPI:
     # -- API keys --------------------------------------------------------------------------------
 
     @app.post(
-        "/v1/api-keys", status_code=201, summary="Create an API key (admin); the secret is shown once",
+        "/v1/api-keys", status_code=201,
+        summary="Create an API key (admin) granting no more than the caller's own; the secret is shown once",
         tags=["api-keys"],
         openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": _ref("ApiKeyBody")}}}},
         responses={201: _ok("The key and its secret", "ApiKeyCreated"), **_problems(413)},
@@ -711,7 +726,7 @@ def create_app(gw: Gateway) -> FastAPI:
         caller = await principal(request)
         caller.require(KeyScope.ADMIN)
         body = decode_body(await read_body(request, settings.max_body_bytes), ApiKeyBody)
-        record, secret = await gw.api_keys.create(body)
+        record, secret = await gw.api_keys.create(body, caller)
         return json_response(
             ApiKeyCreated(
                 key_id=record.key_id, name=record.name, portfolios=record.portfolios, scopes=record.scopes,
@@ -721,14 +736,15 @@ def create_app(gw: Gateway) -> FastAPI:
         )
 
     @app.delete(
-        "/v1/api-keys/{key_id}", status_code=204, summary="Revoke an API key (admin)", tags=["api-keys"],
+        "/v1/api-keys/{key_id}", status_code=204,
+        summary="Revoke an API key (admin) whose grant lies within the caller's; any other is a 404", tags=["api-keys"],
         responses={204: {"description": f"Revoked (other processes within {settings.key_cache_ttl_s:g} s)"},
                    **_problems(404)},
     )
     async def revoke_api_key(request: Request, key_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.ADMIN)
-        if not await gw.api_keys.revoke(key_id):
+        if not await gw.api_keys.revoke(key_id, caller):
             raise Problem(404, "api_key_not_found", f"no API key {key_id}")
         return Response(status_code=204)
 

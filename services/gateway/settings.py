@@ -35,6 +35,27 @@ class GatewaySettings(BaseSettings):
     key_cache_ttl_s: float = Field(
         1.0, ge=0, le=60, description="How long a process caches an API key lookup; a revoked key stops working within it."
     )
+    key_cache_size: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="API key lookups a process caches, least recently used evicted first; as many again for unknown keys.",
+    )
+    bad_key_cache_ttl_s: float = Field(
+        10.0, ge=0, le=600,
+        description="How long a process remembers that a secret is no key, answering it 401 without asking Redis.",
+    )
+    key_order_rate: int = Field(
+        1_000, ge=0, le=1_000_000,
+        description="Orders one API key may submit per `ZVT_GATEWAY_KEY_ORDER_WINDOW_S`, counted in Redis over all "
+        "gateway replicas; more get 429 `rate_limited`. 0: no limit.",
+    )
+    key_order_window_s: int = Field(
+        1, ge=1, le=3600, description="The fixed window of `ZVT_GATEWAY_KEY_ORDER_RATE`, seconds."
+    )
+    key_max_waits: int = Field(
+        256, ge=1, le=100_000,
+        description="`POST /v1/orders?wait=` requests one API key may have open at once in one gateway process; "
+        "more get 429 `too_many_waits`.",
+    )
     backpressure_group: str = Field(
         "risk", min_length=1, max_length=64, description="Consumer group of `order.requested` whose backlog is watched."
     )
