@@ -24,6 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from services.core.bus import Bus, Commit, Consumer
 from services.core.events import Event, EventType, OrderRequested, OrderType, OrderValidated, Side
 from services.core.keys import shard_of
+from services.core.redact import redact
 from services.core.redisconn import AnyRedis, connect
 from services.core.settings import BusSettings, CoreSettings, load
 from services.core.telemetry import setup_logging
@@ -99,7 +100,7 @@ async def run(args: argparse.Namespace) -> int:
             await client.initialize()  # load the slot map before concurrent commands
         await client.ping()
     except (RedisError, RedisClusterException, OSError) as exc:
-        print(f"demo: cannot reach Redis at {core.redis_url} ({exc}); start it with `python -m devstack start`",
+        print(f"demo: cannot reach Redis at {redact(core.redis_url)} ({redact(str(exc))}); start it with `python -m devstack start`",
               file=sys.stderr)
         await client.aclose()
         return 1
@@ -128,7 +129,7 @@ async def demo(args: argparse.Namespace, client: AnyRedis, settings: BusSettings
     await consumer.start()
     portfolios = pick_portfolios(args.portfolios, settings.shards)
     mode = "Redis Cluster" if args.cluster else "single Redis"
-    print(f"demo: {mode} at {args.redis_url}; {len(portfolios)} portfolios over {settings.shards} shards; "
+    print(f"demo: {mode} at {redact(args.redis_url)}; {len(portfolios)} portfolios over {settings.shards} shards; "
           f"publishing {args.rate}/s for {args.seconds:g} s while consumer group '{GROUP}' handles them")
 
     published = 0

@@ -2,6 +2,9 @@
 
 - structlog writes JSON lines carrying ``service``, ``trace_id``, ``span_id`` and the
   ``correlation_id`` / ``event_id`` of the event being handled.
+- Secrets are never printed: every log event (its message, fields and exception text), every
+  stdlib ``logging`` record (libraries: psycopg, hatchet, asyncio, uvicorn) and the traceback
+  of an uncaught exception pass through ``services.core.redact.redact`` first.
 - Prometheus metrics of the bus live here so every service exports the same names.
 - OpenTelemetry: the producer puts ``traceparent`` in the envelope; a consumer continues the
   trace with one CONSUMER span per event. With no exporter configured tracing stays off and
@@ -12,9 +15,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import traceback
 from collections.abc import Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -25,6 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.events import Event
+from services.core.redact import MASK, SECRET_KEY, redact
 from services.core.settings import CoreSettings
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "current_event",
     "current_trace_context",
     "get_logger",
+    "redact_event",
     "setup_logging",
     "setup_tracing",
     "tracing",
@@ -101,6 +109,65 @@ def _add_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
     return event_dict
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
+def _scrub(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return MASK if value and SECRET_KEY.match(key) else redact(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(str(k), v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_scrub("", v) for v in value)
+    # Anything else is rendered by its repr (an exception, a set, a settings model).
+    shown = repr(value)
+    masked = redact(shown)
+    return value if masked == shown else masked
+
+
+def redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask credentials in every field of the event (message and
+    exception text included), and the whole value of a field named like a secret."""
+    for key, value in event_dict.items():
+        event_dict[key] = _scrub(key, value)
+    return event_dict
+
+
+class _RedactingRecord(logging.LogRecord):
+    """A stdlib log record whose message and exception text are redacted once, when made,
+    so that every handler and formatter (ours, uvicorn's, a library's) shows them masked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            message = self.getMessage()
+        except Exception:  # a bad format string: leave it to the handler to report
+            return
+        masked = redact(message)
+        if masked != message:
+            self.msg, self.args = masked, None
+        if self.exc_info and self.exc_info[0] is not None:
+            self.exc_text = redact(logging.Formatter().formatException(self.exc_info))
+        if self.stack_info:
+            self.stack_info = redact(self.stack_info)
+
+
+def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
+    sys.stderr.flush()
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    sys.stderr.write(redact(f"Exception in thread {name}:\n{text}"))
+    sys.stderr.flush()
+
+
 def setup_logging(settings: CoreSettings) -> None:
     level = logging.getLevelNamesMapping()[settings.log_level]
     renderer: Any = (
@@ -113,6 +180,7 @@ def setup_logging(settings: CoreSettings) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_context,
             structlog.processors.format_exc_info,
+            redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -121,6 +189,13 @@ def setup_logging(settings: CoreSettings) -> None:
     )
     structlog.contextvars.bind_contextvars(service=settings.service)
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    # Only over the defaults: a test runner's own hooks, or another record factory, stay.
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(_RedactingRecord)
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = _thread_excepthook
 
 
 def get_logger(name: str) -> Any:

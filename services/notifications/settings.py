@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -10,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.core.events import EventType, Route
-from services.core.settings import SettingsError, load, register
+from services.core.settings import load, register
 
 __all__ = ["NOTIFIABLE", "NotificationsSettings", "load_settings"]
 
@@ -123,18 +122,6 @@ class NotificationsSettings(BaseSettings):
 
 
 def load_settings() -> NotificationsSettings:
-    """``load(NotificationsSettings)``, except that a start-up error never shows the secret.
-
-    ``services.core.settings.load`` quotes the rejected value in its one line; for the webhook
-    secret that value is replaced by ``'***'``.
-    """
-    try:
-        return load(NotificationsSettings)
-    except SettingsError as exc:
-        line = exc.line
-        for name, value in os.environ.items():
-            if name.upper() == "ZVT_NOTIFICATIONS_WEBHOOK_SECRET" and value:
-                line = line.replace(repr(value), "'***'").replace(value, "***")
-        if line == exc.line:
-            raise
-        raise SettingsError(line) from None
+    """``load(NotificationsSettings)``: its one line at start-up never shows the webhook secret,
+    nor the credentials of a webhook URL (``services.core.settings.load`` masks both)."""
+    return load(NotificationsSettings)
