@@ -239,8 +239,11 @@ class ExchangeRouted(Payload, frozen=True, kw_only=True):
 
 
 class OrderExecuted(Payload, frozen=True, kw_only=True):
-    """One fill. ``fill_id`` is unique per venue fill, so a fill is never counted twice."""
+    """One fill. ``fill_id`` is unique per venue fill, so a fill is never counted twice: it is
+    ``services.venues.base.platform_fill_id(order id, venue, venue fill id)``, the same whoever
+    reports the fill (routing, ``orders.reconcile``)."""
 
+    VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_EXECUTED
     order_id: str
     client_order_id: str
@@ -256,6 +259,9 @@ class OrderExecuted(Payload, frozen=True, kw_only=True):
     liquidity: Liquidity
     cumulative_quantity: Decimal
     leaves_quantity: Decimal
+    venue_fill_id: str | None = None
+    """The venue's own id of this execution (``VenueFill.fill_id``); ``None`` in events of
+    schema 1.0."""
 
 
 class OrderFailed(Payload, frozen=True, kw_only=True):

@@ -81,6 +81,9 @@ class Fill(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     liquidity: str
     venue: str
     at: UtcDatetime
+    venue_fill_id: str | None = None
+    """The venue's own id of the execution (``OrderExecuted.venue_fill_id``), which
+    ``orders.reconcile`` matches the venue's fills on; ``None`` in records written before."""
 
 
 class OrderRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -22,8 +22,11 @@ venue, where the order is looked up before anything is submitted.
 A refused submit becomes ``order.failed``. A cancel for an order routing has not seen yet is
 remembered (``cancel:<order id>``, a day) and applied when the order arrives.
 
-Every event is derived from the one that caused it and fill ids are ``<order id>:<n>``, so a
-batch handled again after a crash emits the same ids, which every consumer drops.
+Every event is derived from the one that caused it, so a batch handled again after a crash
+emits the same event ids, which every consumer drops. A fill's id is
+``platform_fill_id(order id, venue, venue fill id)`` and the event carries the venue's own id
+(``venue_fill_id``): ``orders.reconcile`` names a fill it finds at the venue the same way, so
+the same execution reported by both is one fill to the order record and the portfolio.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from services.venues.base import (
     VenueOrderRequest,
     VenueOrderStatus,
     VenueUnavailable,
+    platform_fill_id,
 )
 from services.venues.paper import PaperVenue
 
@@ -351,7 +355,7 @@ class RoutingStage:
                         side=order.side,
                         venue=venue.name,
                         venue_order_id=placed.venue_order_id,
-                        fill_id=f"{order.order_id}:{index}",
+                        fill_id=platform_fill_id(order.order_id, venue.name, fill.fill_id),
                         quantity=fill.quantity,
                         price=fill.price,
                         commission=fill.fee,
@@ -359,6 +363,7 @@ class RoutingStage:
                         liquidity=fill.liquidity,
                         cumulative_quantity=cumulative,
                         leaves_quantity=leaves,
+                        venue_fill_id=fill.fill_id,
                     ),
                     STAGE,
                     index=index,

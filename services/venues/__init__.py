@@ -25,6 +25,8 @@ from services.venues.base import (
     VenueOrderRequest,
     VenueOrderStatus,
     VenueUnavailable,
+    in_process,
+    platform_fill_id,
 )
 from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES, PaperFaults, PaperVenue
 
@@ -51,4 +53,6 @@ __all__ = [
     "VenueOrderRequest",
     "VenueOrderStatus",
     "VenueUnavailable",
+    "in_process",
+    "platform_fill_id",
 ]

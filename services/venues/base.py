@@ -40,6 +40,8 @@ __all__ = [
     "VenueOrderRequest",
     "VenueOrderStatus",
     "VenueUnavailable",
+    "in_process",
+    "platform_fill_id",
 ]
 
 Clock = Callable[[], dt.datetime]
@@ -150,7 +152,8 @@ class VenueOrderRequest:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class VenueFill:
-    """One execution. ``fill_id`` is unique per venue, so a fill is never counted twice."""
+    """One execution. ``fill_id`` is the venue's own id of it (unique per venue and the same
+    whichever call reports it: the submit's answer, a lookup), so a fill is never counted twice."""
 
     fill_id: str
     venue_order_id: str
@@ -160,6 +163,26 @@ class VenueFill:
     fee_asset: str
     liquidity: Liquidity
     at: dt.datetime
+    aggregate: bool = False
+    """Not one execution but everything the order had filled when the venue was asked, as one
+    fill at the average price (a venue that would not list the executions). Its id names that
+    cumulative quantity, not an execution, so a reconciler compares it by quantity."""
+
+
+def platform_fill_id(order_id: str, venue: str, venue_fill_id: str) -> str:
+    """The platform's id of one venue fill of one order: ``<order id>:<venue>:<venue fill id>``.
+
+    Routing (from the submit's answer) and ``orders.reconcile`` (from a lookup) both name a
+    fill this way, so the same execution reported by both has one id, and every layer that
+    keeps fill ids (the order record, the portfolio's applied fills) takes it once."""
+    return f"{order_id}:{venue}:{venue_fill_id}"
+
+
+def in_process(venue: Venue) -> bool:
+    """Whether the venue lives inside this process (the paper venue): its orders are this
+    process's alone, so another process (the workflows worker) asking it about an order routing
+    placed learns nothing, and "not found" there never means "not at the venue"."""
+    return bool(getattr(venue, "IN_PROCESS", False))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

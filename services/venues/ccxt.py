@@ -4,7 +4,10 @@
   adapter object for that account; numbers come back as strings (``number = str``) and
   become ``Decimal`` here, never floats.
 - Our client order id rides on every order (``newClientOrderId`` on Binance), so an order is
-  found again by it (``fetch_order(client_order_id=...)``).
+  found again by it (``fetch_order(client_order_id=...)``). A lookup of an order that has
+  filled lists its executions (``fetch_my_trades`` by order id), so its fills carry the same
+  venue fill ids the submit's answer gave; only a venue that will not list them gets one
+  aggregate fill (``VenueFill.aggregate``).
 - Amounts are floored to the market's quantity step, prices rounded to its price step,
   before they leave.
 - ``ERRORS`` maps each ccxt exception to what it means for us. ``create_order`` is never
@@ -300,6 +303,10 @@ class CcxtVenue:
             raise ValueError("pass venue_order_id or client_order_id")
         params = {} if venue_order_id is not None else {"origClientOrderId": client_order_id}
         raw = await self._read(self.client.fetch_order, venue_order_id, symbol, params)
+        if not raw.get("trades") and (_dec(raw.get("filled"), ZERO) or ZERO) > 0:
+            trades = await self._trades(symbol, str(raw.get("id")))
+            if trades:
+                raw = {**raw, "trades": trades}
         found = self._order(raw, None)
         if client_order_id is not None and found.client_order_id != client_order_id:
             raise OrderNotFound(f"order {venue_order_id} has client id {found.client_order_id}", venue=self.name)
@@ -358,6 +365,17 @@ class CcxtVenue:
             await self.breaker.success()
             return result
         raise AssertionError("unreachable")
+
+    async def _trades(self, symbol: str, venue_order_id: str) -> list[Any] | None:
+        """The executions of one order, as the venue lists them (their ids are the ones the
+        submit's answer gave); ``None`` where the venue will not list them."""
+        if not self.client.has.get("fetchMyTrades"):
+            return None
+        try:
+            trades = await self._read(self.client.fetch_my_trades, symbol, None, None, {"orderId": venue_order_id})
+        except (OrderRejected, OrderNotFound):
+            return None
+        return [t for t in trades if str(t.get("order")) == venue_order_id]
 
     async def _resolve(self, order: VenueOrderRequest, cause: Exception) -> VenueOrder:
         """The submit's answer was lost: find the order by our client order id."""
@@ -434,21 +452,24 @@ class CcxtVenue:
             price = _dec(trade.get("price"), ZERO) or ZERO
             cost = _dec(fee.get("cost"), ZERO) or ZERO
             fees += cost
+            when = trade.get("timestamp")
             fills.append(VenueFill(
                 fill_id=f"{self.name}-{trade.get('id')}", venue_order_id=venue_order_id, quantity=quantity,
                 price=price, fee=cost, fee_asset=fee.get("currency") or quote,
-                liquidity=Liquidity.MAKER if trade.get("takerOrMaker") == "maker" else Liquidity.TAKER, at=at,
+                liquidity=Liquidity.MAKER if trade.get("takerOrMaker") == "maker" else Liquidity.TAKER,
+                at=dt.datetime.fromtimestamp(when / 1000, dt.UTC) if when else at,
             ))
         if not fills and filled > 0 and average is not None:
-            # The venue's order lookup carries no executions: report them as one, at the
-            # average price, with the fee at the taker rate (the venue's own trades list
-            # is the place to reconcile the exact fee).
+            # Neither the answer nor the venue's trade list has the executions: report them as
+            # one, at the average price, with the fee at the taker rate. Its id names the
+            # cumulative quantity (a reconciler compares it by quantity, never by id).
             rate = market.taker_fee if market else ZERO
             with money_context():
                 fees = filled * average * rate
             fills.append(VenueFill(
-                fill_id=f"{self.name}-{venue_order_id}-all", venue_order_id=venue_order_id, quantity=filled,
-                price=average, fee=fees, fee_asset=quote, liquidity=Liquidity.TAKER, at=at,
+                fill_id=f"{self.name}-{venue_order_id}-upto-{format(filled.normalize(), 'f')}",
+                venue_order_id=venue_order_id, quantity=filled, price=average, fee=fees, fee_asset=quote,
+                liquidity=Liquidity.TAKER, at=at, aggregate=True,
             ))
         if average is None and fills:
             with money_context():

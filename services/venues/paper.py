@@ -33,6 +33,7 @@ import itertools
 import random
 from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from typing import ClassVar
 
 from services.core.events import Liquidity, OrderType, Side, TimeInForce, utcnow
 from services.trading.money import ZERO, is_multiple, money_context
@@ -194,7 +195,12 @@ class PaperVenue:
 
     Deterministic for a given ``seed`` and ``clock``. Not thread-safe; safe under asyncio
     because no call awaits anything after its (optional) latency sleep.
+
+    In-process (``IN_PROCESS``): its orders live in this object only, so another process's
+    paper venue of the same name knows nothing of them (``services.venues.base.in_process``).
     """
+
+    IN_PROCESS: ClassVar[bool] = True
 
     def __init__(
         self,

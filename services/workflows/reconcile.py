@@ -6,11 +6,27 @@ On a schedule (and when started by hand), every order record of the deployment t
 its venue (or at every venue, when routing never named one) by our client order id, which is
 the order id:
 
-- the venue has fills the record lacks: one ``order.executed`` per missing venue fill (fill
-  id ``<order id>:v:<venue fill id>``), and ``order.canceled`` for the rest if the venue has
-  finished with the order;
-- the venue finished the order unfilled: ``order.canceled`` (expired at the venue);
-- no venue knows an order routing had sent (routed, or unknown outcome): ``order.failed``.
+- the venue has fills the record lacks: one ``order.executed`` per missing venue fill. Fills
+  are matched on the venue's own fill id, which routing stores with every fill
+  (``Fill.venue_fill_id``), never on counts, and a missing fill gets the id routing gives the
+  same execution (``platform_fill_id(order id, venue, venue fill id)``): if routing's own
+  report of it is still on its way, the order stage and the portfolio take it once. Never more
+  than the venue's filled quantity minus what the record holds there is added (a fill recorded
+  before fills carried the venue's id, a venue that reports one aggregate fill);
+- the venue finished the order and routing does not hold it as resting: ``order.canceled``
+  for the rest (expired at the venue);
+- no venue knows an order routing had sent (routed, or unknown outcome), routing does not hold
+  it as resting, and every venue that could hold it was asked and answered: ``order.failed``
+  (``NOT_AT_VENUE``).
+
+Two things are never taken as "the order is gone":
+
+- an order resting with routing (``resting:<portfolio>``: a GTC limit's remainder, whose IOC
+  leg the venue has finished with) is live: it may get missing fills, never a cancel or a
+  failure;
+- an in-process venue (paper) lives inside each process, so the worker's paper venue is not
+  the one routing placed the order at: it is never asked, and an order whose venue is one
+  (or may be one) is left alone (``unverifiable`` in the result).
 
 Corrections go through the order, portfolio and risk stages like any other event (``route:
 workflow``, ids derived from the order and what the venue reported), so a second run, or one
@@ -19,7 +35,9 @@ racing a late venue report, changes nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from hatchet_sdk import Context, Hatchet
@@ -36,16 +54,26 @@ from services.core.events import (
     derive_event_id,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, load
+from services.core.hotstate import OrderRecord, RestingOrder, load
 from services.core.redisconn import scan_keys
 from services.core.telemetry import get_logger
+from services.risk.stage import HANDLED as RISK_HANDLED
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
-from services.venues.base import OrderNotFound, VenueError, VenueOrder, VenueOrderStatus
+from services.venues.base import (
+    OrderNotFound,
+    Venue,
+    VenueError,
+    VenueFill,
+    VenueOrder,
+    VenueOrderStatus,
+    in_process,
+    platform_fill_id,
+)
 from services.workflows.contracts import RECONCILE
 from services.workflows.deps import Deps, deps_of
 
-__all__ = ["ReconcileInput", "define_reconcile"]
+__all__ = ["ReconcileInput", "corrections", "define_reconcile", "missing_fills", "venues_to_ask"]
 
 log = get_logger("zvt.workflows.reconcile")
 STAGE = "reconcile"
@@ -72,35 +100,82 @@ def _origin(record: OrderRecord) -> Event[Any]:
     )
 
 
-def corrections(record: OrderRecord, found: VenueOrder | None) -> list[Event[Any]]:
-    """What the store needs to agree with the venue (pure; ``found`` None: no venue has it)."""
+def missing_fills(record: OrderRecord, found: VenueOrder) -> list[tuple[str, VenueFill]]:
+    """The venue's fills of ``found`` the record lacks, each with its platform fill id (pure).
+
+    A venue fill is recorded when the record has a fill at that venue with its venue fill id
+    (or, for a fill recorded before fills carried it, routing's ``<order id>:<n>``: the n-th of
+    the venue's fills; reconcile's old ``<order id>:v:<venue fill id>``). Whatever the ids say,
+    no more than the venue's filled quantity minus the record's quantity at that venue is
+    returned, so nothing is counted twice; an aggregate fill is compared by quantity only."""
+    at_venue = [f for f in record.fills if f.venue == found.venue]
+    ids = {f.fill_id for f in record.fills}
+    known: set[str] = set()
+    unnamed = 0
+    old_prefix = f"{record.order_id}:v:"
+    for f in at_venue:
+        if f.venue_fill_id is not None:
+            known.add(f.venue_fill_id)
+        elif f.fill_id.startswith(old_prefix):
+            known.add(f.fill_id.removeprefix(old_prefix))
+        else:
+            unnamed += 1
+    out: list[tuple[str, VenueFill]] = []
+    with money_context():
+        room = found.filled_quantity - sum((f.quantity for f in at_venue), ZERO)
+        position = 0
+        for fill in found.fills:
+            fill_id = platform_fill_id(record.order_id, found.venue, fill.fill_id)
+            if fill.aggregate:
+                if room > 0 and fill_id not in ids and fill.quantity > 0:
+                    part = min(room, fill.quantity)
+                    out.append((fill_id, dataclasses.replace(fill, quantity=part, fee=fill.fee * part / fill.quantity)))
+                    room -= part
+                continue
+            position += 1
+            if fill.fill_id in known or fill_id in ids or position <= unnamed:
+                continue
+            if fill.quantity > room:
+                log.warning("reconcile: a venue fill the record cannot name, its quantity recorded already",
+                            order_id=record.order_id, venue=found.venue, venue_fill_id=fill.fill_id)
+                continue
+            out.append((fill_id, fill))
+            room -= fill.quantity
+    return out
+
+
+def corrections(record: OrderRecord, found: VenueOrder | None, *, resting: RestingOrder | None = None
+                ) -> list[Event[Any]]:
+    """What the store needs to agree with the venue (pure). ``found``: the order at its venue,
+    None when every venue that could hold it said it has none; ``resting``: routing's resting
+    record of the order, if routing holds one (the order is live: never canceled or failed)."""
     origin = _origin(record)
     if found is None:
-        if record.status in _SENT:
+        if record.status in _SENT and resting is None:
             return [origin.derive(OrderFailed(
                 order_id=record.order_id, client_order_id=record.client_order_id, reason_code="NOT_AT_VENUE",
                 reason="reconcile: no venue knows this order", venue=record.venue,
             ), STAGE)]
         return []
-    known = {f.fill_id for f in record.fills}
     out: list[Event[Any]] = []
     with money_context():
         cumulative = sum((f.quantity for f in record.fills), ZERO)
-        for fill in found.fills:
-            fill_id = f"{record.order_id}:v:{fill.fill_id}"
-            if fill_id in known:
-                continue
+        for fill_id, fill in missing_fills(record, found):
             if cumulative + fill.quantity > record.quantity:
-                break  # the record already counts this execution under routing's own fill id
+                log.warning("reconcile: the venue reports more than the order's quantity", order_id=record.order_id,
+                            venue=found.venue, venue_fill_id=fill.fill_id)
+                break
             cumulative += fill.quantity
+            # one id per venue fill, whichever run finds it
             out.append(origin.derive(OrderExecuted(
                 order_id=record.order_id, client_order_id=record.client_order_id, symbol=record.symbol,
                 side=record.side, venue=found.venue, venue_order_id=found.venue_order_id, fill_id=fill_id,
                 quantity=fill.quantity, price=fill.price, commission=fill.fee, commission_asset=fill.fee_asset,
                 liquidity=fill.liquidity, cumulative_quantity=cumulative, leaves_quantity=record.quantity - cumulative,
-            ), STAGE, index=len(out) + 1))
+                venue_fill_id=fill.fill_id,
+            ), f"{STAGE}:{fill_id}"))
         rest = record.quantity - cumulative
-    if found.status in _DONE and rest > 0:
+    if resting is None and found.status in _DONE and rest > 0:
         out.append(origin.derive(OrderCanceled(
             order_id=record.order_id, client_order_id=record.client_order_id,
             reason="expired" if found.status is not VenueOrderStatus.CANCELED else "canceled at the venue",
@@ -109,10 +184,18 @@ def corrections(record: OrderRecord, found: VenueOrder | None) -> list[Event[Any
     return out
 
 
+def venues_to_ask(record: OrderRecord, venues: Sequence[Venue]) -> tuple[list[Venue], bool]:
+    """The venues to look the order up at, and whether "none of them has it" would mean the
+    order is not at any venue: not when the order's venue (or, unrouted, any venue) is an
+    in-process one, which this process cannot see into, or one this process does not trade on."""
+    could_hold = [v for v in venues if v.name == record.venue] if record.venue is not None else list(venues)
+    asked = [v for v in could_hold if not in_process(v)]
+    return asked, bool(could_hold) and len(asked) == len(could_hold)
+
+
 async def _lookup(deps: Deps, record: OrderRecord) -> tuple[VenueOrder | None, bool]:
-    """(the venue's order, whether every venue asked answered)."""
-    venues = [v for v in deps.stages.venues if record.venue in (None, v.name)] or deps.stages.venues
-    answered = True
+    """(the venue's order, whether "None" means no venue has it)."""
+    venues, conclusive = venues_to_ask(record, deps.stages.venues)
     for venue in venues:
         try:
             return await venue.fetch_order(record.symbol, client_order_id=record.order_id), True
@@ -120,16 +203,22 @@ async def _lookup(deps: Deps, record: OrderRecord) -> tuple[VenueOrder | None, b
             continue
         except (VenueError, NotImplementedError) as exc:
             log.warning("reconcile: venue did not answer", venue=venue.name, order_id=record.order_id, error=str(exc))
-            answered = False
-    return None, answered
+            conclusive = False
+    return None, conclusive
 
 
 async def _apply(deps: Deps, event: Event[Any]) -> None:
+    """A correction through the stages, as the streams would carry it: the order record; a
+    fill to the portfolio, whose ``position.updated`` lets risk release that fill's funds; an
+    end of the order to risk."""
     stages = deps.stages
     await stages.run("order", stages.order.handle, event)
     if event.event_type is EventType.ORDER_EXECUTED:
-        await stages.run("portfolio", stages.portfolio.handle, event)
-    await stages.run("risk", stages.risk.handle, event)
+        for update in await stages.run("portfolio", stages.portfolio.handle, event):
+            if update.event_type is EventType.POSITION_UPDATED:
+                await stages.run("risk", stages.risk.handle, update)
+    elif event.event_type in RISK_HANDLED:
+        await stages.run("risk", stages.risk.handle, event)
 
 
 def define_reconcile(hatchet: Hatchet, cron: str) -> Any:
@@ -139,7 +228,7 @@ def define_reconcile(hatchet: Hatchet, cron: str) -> Any:
     async def reconcile(input: ReconcileInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
         cutoff = utcnow() - dt.timedelta(seconds=input.grace_s)
-        checked, fixed = 0, []
+        checked, unverifiable, fixed = 0, 0, []
         async for key in scan_keys(deps.redis, f"{deps.bus.keys.namespace}:{{*}}:order:*"):
             if checked >= input.limit:
                 break
@@ -150,16 +239,19 @@ def define_reconcile(hatchet: Hatchet, cron: str) -> Any:
             if record.status not in _OPEN or record.updated_at > cutoff:
                 continue
             checked += 1
-            found, answered = await _lookup(deps, record)
-            if found is None and not answered:
-                continue  # cannot tell "not there" from "did not answer"
-            events = corrections(record, found)
+            held: Any = await deps.redis.hget(deps.stages.keys.resting(record.portfolio_id), record.order_id)
+            resting = load(RestingOrder, held) if held else None
+            found, conclusive = await _lookup(deps, record)
+            if found is None and not conclusive:
+                unverifiable += 1
+                continue  # cannot tell "not there" from "not asked" or "did not answer"
+            events = corrections(record, found, resting=resting)
             for event in events:
                 await _apply(deps, event)
             if events:
                 fixed.append({"order_id": record.order_id, "corrections": [str(e.event_type) for e in events]})
                 log.warning("reconcile corrected an order", order_id=record.order_id,
                             corrections=[str(e.event_type) for e in events])
-        return {"checked": checked, "fixed": fixed}
+        return {"checked": checked, "unverifiable": unverifiable, "fixed": fixed}
 
     return wf

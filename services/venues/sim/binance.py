@@ -5,6 +5,7 @@ Public: ``GET /api/v3/ping``, ``time``, ``exchangeInfo``, ``ticker/24hr``, ``tic
 ``depth``. Signed (``X-MBX-APIKEY`` header, ``timestamp`` within ``recvWindow``, and
 ``signature`` = hex HMAC-SHA256 of the query string followed by the form body, keyed by the
 API secret): ``POST/DELETE/GET /api/v3/order``, ``GET /api/v3/openOrders``,
+``GET /api/v3/myTrades`` (an order's executions, with the ids its ``FULL`` answer gave),
 ``GET /api/v3/account``, ``GET /sapi/v1/asset/tradeFee``. Errors are Binance's
 ``{"code": -NNNN, "msg": ...}`` with its codes, so ccxt maps them to its own exceptions.
 
@@ -127,6 +128,7 @@ class BinanceSim:
             ("DELETE", "/api/v3/order"): self._cancel_order,
             ("GET", "/api/v3/order"): self._get_order,
             ("GET", "/api/v3/openOrders"): self._open_orders,
+            ("GET", "/api/v3/myTrades"): self._my_trades,
             ("GET", "/api/v3/account"): self._account,
             ("GET", "/sapi/v1/asset/tradeFee"): self._trade_fee,
         }
@@ -367,6 +369,26 @@ class BinanceSim:
     def _open_orders(self, params: dict[str, str]) -> Any:
         symbol = self._symbol(params) if "symbol" in params else None
         return [self._order(o) for o in self.venue.open_orders_now(symbol)]
+
+    def _my_trades(self, params: dict[str, str]) -> Any:
+        symbol = self._symbol(params)
+        order_id = params.get("orderId")
+        trades = []
+        for order in self.venue.all_orders_now():
+            if order.symbol != symbol or not order.fills:
+                continue
+            number = self._order(order)["orderId"]
+            if order_id and str(number) != order_id:
+                continue
+            for f in order.fills:
+                trades.append({
+                    "symbol": binance_symbol(symbol), "id": int(f.fill_id.rsplit("-", 1)[1]), "orderId": number,
+                    "orderListId": -1, "price": _num(f.price), "qty": _num(f.quantity),
+                    "quoteQty": _num(f.price * f.quantity), "commission": _num(f.fee),
+                    "commissionAsset": f.fee_asset, "time": _ms(f.at), "isBuyer": order.side is Side.BUY,
+                    "isMaker": f.liquidity.value == "maker", "isBestMatch": True,
+                })
+        return sorted(trades, key=lambda t: t["id"])
 
     def _account(self, params: dict[str, str]) -> Any:
         balances = self.venue.balances_now()

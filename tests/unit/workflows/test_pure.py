@@ -62,15 +62,16 @@ def _venue(status: VenueOrderStatus, *quantities: str) -> VenueOrder:
 def test_corrections_add_the_fills_the_store_lacks_and_expire_the_rest() -> None:
     out = corrections(_record(OrderStatus.CREATED), _venue(VenueOrderStatus.EXPIRED, "0.005", "0.005"))
     assert [e.event_type for e in out] == [EventType.ORDER_EXECUTED] * 2 + [EventType.ORDER_CANCELED]
-    assert [e.payload.fill_id for e in out[:2]] == ["o-1:v:f0", "o-1:v:f1"]
+    assert [e.payload.fill_id for e in out[:2]] == ["o-1:sim:f0", "o-1:sim:f1"]
+    assert [e.payload.venue_fill_id for e in out[:2]] == ["f0", "f1"]
     assert out[1].payload.cumulative_quantity == D("0.01") and out[2].payload.canceled_quantity == D("0.01")
     again = corrections(_record(OrderStatus.CREATED), _venue(VenueOrderStatus.EXPIRED, "0.005", "0.005"))
     assert [e.event_id for e in again] == [e.event_id for e in out]  # a second run: the same ids
 
 
 def test_corrections_skip_fills_already_recorded_and_fail_orders_no_venue_knows() -> None:
-    recorded = Fill(fill_id="o-1:v:f0", quantity=D("0.02"), price=D("60000"), commission=D("1"),
-                    commission_asset="USDT", liquidity="taker", venue="sim", at=NOW)
+    recorded = Fill(fill_id="o-1:sim:f0", quantity=D("0.02"), price=D("60000"), commission=D("1"),
+                    commission_asset="USDT", liquidity="taker", venue="sim", at=NOW, venue_fill_id="f0")
     assert corrections(_record(OrderStatus.FILLED, (recorded,)), _venue(VenueOrderStatus.FILLED, "0.02")) == []
     (failed,) = corrections(_record(OrderStatus.ROUTED), None)
     assert failed.event_type is EventType.ORDER_FAILED and failed.payload.reason_code == "NOT_AT_VENUE"
