@@ -211,6 +211,7 @@ def _type_name(annotation: Any) -> str:
 DOCUMENTED_MODULES = (
     "services.core.runtime",
     "services.recorder.settings",
+    "services.risk.settings",
     "services.routing.settings",
     "services.notifications.settings",
     "services.gateway.settings",
