@@ -193,6 +193,7 @@ class OrderRequested(Payload, frozen=True, kw_only=True):
 
 
 class OrderValidated(Payload, frozen=True, kw_only=True):
+    VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_VALIDATED
     order_id: str
     client_order_id: str
@@ -204,6 +205,10 @@ class OrderValidated(Payload, frozen=True, kw_only=True):
     time_in_force: TimeInForce = TimeInForce.GTC
     venue: str | None = None
     reference_price: Decimal | None = None
+    price_cap: Decimal | None = None
+    """A market buy's protection price: the most risk reserved funds for (the reference price
+    plus the slippage allowance). Routing sends the order as an IOC limit at this price, so
+    it can never cost more than it reserved."""
 
 
 class OrderRejected(Payload, frozen=True, kw_only=True):
@@ -216,6 +221,7 @@ class OrderRejected(Payload, frozen=True, kw_only=True):
 
 
 class OrderCreated(Payload, frozen=True, kw_only=True):
+    VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_CREATED
     order_id: str
     client_order_id: str
@@ -226,6 +232,8 @@ class OrderCreated(Payload, frozen=True, kw_only=True):
     price: Decimal | None = None
     time_in_force: TimeInForce = TimeInForce.GTC
     venue: str | None = None
+    price_cap: Decimal | None = None
+    """``OrderValidated.price_cap``: the worst price a market buy may fill at."""
 
 
 class ExchangeRouted(Payload, frozen=True, kw_only=True):
@@ -265,12 +273,16 @@ class OrderExecuted(Payload, frozen=True, kw_only=True):
 
 
 class OrderFailed(Payload, frozen=True, kw_only=True):
+    VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_FAILED
     order_id: str
     client_order_id: str
     reason_code: str
     reason: str
     venue: str | None = None
+    filled_quantity: Decimal | None = None
+    """What the order had filled before it failed, as its emitter knew it (``None``: nothing,
+    or not known); risk keeps the reservation of those fills until the portfolio has them."""
 
 
 class OrderCanceled(Payload, frozen=True, kw_only=True):
@@ -296,6 +308,7 @@ class OrderCancelRequested(Payload, frozen=True, kw_only=True):
 
 
 class PositionUpdated(Payload, frozen=True, kw_only=True):
+    VERSION = "1.1"
     EVENT_TYPE = EventType.POSITION_UPDATED
     symbol: str
     quantity: Decimal
@@ -306,6 +319,9 @@ class PositionUpdated(Payload, frozen=True, kw_only=True):
     sequence: int = 0
     """How many fills this symbol's position has taken, this one included: the order in
     which replay applies them."""
+    fill_quantity: Decimal | None = None
+    """The quantity of the fill this update applied: risk releases the funds it had reserved
+    for that much of the order once the portfolio has debited them."""
 
 
 class PortfolioUpdated(Payload, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ key (shard k of portfolio p)  owner                what
 ``risk:<p>``                  risk service         ``RiskRecord``: recent orders, funds reserved
 ``reservations:<p>``          risk service         hash order id -> ``Reservation`` of open orders
 ``resting:<p>``               routing service      hash order id -> ``RestingOrder``
+``applied:<order_id>``        portfolio service    set of the fill ids applied to balances (expires)
 ``cancel:<order_id>``         routing service      a cancel that overtook its order
 ============================  ===================  =============================================
 
@@ -47,6 +48,7 @@ from services.core.events import (
     UtcDatetime,
 )
 from services.core.keys import Keys
+from services.trading.funds import Hold
 from services.trading.money import ZERO
 from services.trading.orders import TERMINAL, Order, OrderStatus
 from services.trading.positions import Position
@@ -221,8 +223,21 @@ class PositionRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class Reservation(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """What an open order holds (``services.trading.funds.Hold``, as stored). A reservation
+    written before holds tracked fills has no quantity: it is released whole when its order ends."""
+
     asset: str
     amount: Decimal
+    quantity: Decimal = ZERO
+    confirmed: Decimal = ZERO
+    final: Decimal | None = None
+
+    def to_hold(self) -> Hold:
+        return Hold(self.asset, self.amount, self.quantity or ZERO, self.confirmed, self.final)
+
+    @classmethod
+    def of(cls, hold: Hold) -> Reservation:
+        return cls(hold.asset, hold.amount, hold.quantity, hold.confirmed, hold.final)
 
 
 class RiskRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -411,6 +426,10 @@ class StateKeys:
 
     def resting(self, portfolio_id: str) -> str:
         return self.keys.state(self.keys.shard_of(portfolio_id), "resting", portfolio_id)
+
+    def applied_fills(self, portfolio_id: str, order_id: str) -> str:
+        """Set of the fill ids of an order the portfolio stage has applied (expires)."""
+        return self.keys.state(self.keys.shard_of(portfolio_id), "applied", order_id)
 
     def cancel(self, portfolio_id: str, order_id: str) -> str:
         return self.keys.state(self.keys.shard_of(portfolio_id), "cancel", order_id)

@@ -271,6 +271,12 @@ class RoutingStage:
             price=order.price,
             time_in_force=TimeInForce.IOC if rests else order.time_in_force,
         )
+        if order.order_type is OrderType.MARKET and order.price_cap is not None:
+            # A market order with a price cap (risk held funds up to it): an IOC limit at the
+            # cap, so no fill costs more than was held; what cannot fill there expires.
+            request = dataclasses.replace(
+                request, order_type=OrderType.LIMIT, price=order.price_cap, time_in_force=TimeInForce.IOC
+            )
         skipped: dict[str, str] = {}
         resumed = batch.intents.pop(order.order_id, None)
         while True:
