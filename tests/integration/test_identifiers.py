@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,8 @@ from services.core.events import Event, EventType, OrderRejected
 from services.core.keys import shard_of
 from services.recorder.store import EventStore
 from tests.integration.test_gateway_api import AUTH, World, assert_problem, order_body, world_on
+from tests.integration.test_gateway_process import ADMIN as PROCESS_ADMIN
+from tests.integration.test_gateway_process import gateway  # noqa: F401  (the real process, a fixture)
 
 SHARDS = 4  # world_on's bus
 
@@ -264,6 +267,52 @@ async def test_path_or_query_when_not_utf8_answers_422_problem(world: World, met
     # the server decodes them to U+FFFD, which no pattern (or enum, or number) accepts
     assert_problem(r, 422, "validation_error")
     assert await world.requested() == 0
+
+
+@pytest.mark.parametrize("authorization", [b"Bearer \xff\xfe", b"Bearer zvt_\xed\xa0\x80", b"Bearer \xc3"])
+async def test_authorization_when_not_utf8_answers_401(world: World, authorization: bytes) -> None:
+    await world.portfolio("pf-1")
+    headers = {"Authorization": authorization}
+    assert_problem(await world.http.get("/v1/portfolios/pf-1", headers=headers), 401, "unauthorized")
+    assert_problem(await world.http.post("/v1/orders", json=order_body(), headers=headers), 401, "unauthorized")
+
+
+def _raw(base: str, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` as is (no client would build it) and read the status and content type."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    content_type = next((line.split(b":", 1)[1].strip() for line in head if line.lower().startswith(b"content-type:")), b"")
+    return int(head[0].split()[1]), content_type
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/v1/portfolios/\xff\xfe", b"/v1/portfolios/pf-1/orders?status=\xff", b"/v1/events?correlation_id=\xed\xa0\x80",
+     b"/v1/orders/%FF", b"/v1/events?correlation_id=%ED%A0%80"],
+)
+def test_gateway_process_when_request_target_is_not_utf8_answers_400_or_422(gateway: str, target: bytes) -> None:
+    # raw bytes outside ASCII are not HTTP: the server's parser answers 400 before the app;
+    # percent-encoded ones reach the app and fail the parameter's pattern
+    status, content_type = _raw(gateway, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                + PROCESS_ADMIN.encode() + b"\r\nConnection: close\r\n\r\n")
+    assert status in (400, 422), status
+    if b"%" in target:
+        assert (status, content_type) == (422, b"application/problem+json")
+
+
+def test_gateway_process_when_order_body_is_not_utf8_answers_422_problem(gateway: str) -> None:
+    body = b'{"client_order_id": "\xff", "portfolio_id": "\xed\xa0\x80"}'
+    status, content_type = _raw(
+        gateway,
+        b"POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + PROCESS_ADMIN.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
+    )
+    assert (status, content_type) == (422, b"application/problem+json")
 
 
 # -- 4. the audit trail is this deployment's own ------------------------------------------------------
