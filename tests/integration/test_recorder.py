@@ -12,12 +12,13 @@ import psycopg
 import pytest
 
 from services.core.bus import Bus
+from services.core.codec import encode
 from services.core.events import Event, EventType, OrderValidated, Route
 from services.core.redisconn import AnyRedis
 from services.core.runtime import Service
 from services.core.settings import BusSettings
 from services.recorder.__main__ import build
-from services.recorder.store import EventStore
+from services.recorder.store import MIGRATIONS, EventStore
 from tests.integration.conftest import Target, eventually, order
 
 
@@ -51,6 +52,30 @@ def validated(cause: Event[Any]) -> Event[Any]:
 async def test_store_when_migrated_twice_applies_each_step_once(store: EventStore) -> None:
     assert await store.migrate() == [1, 2, 3]
     assert await store.migrate() == []
+
+
+async def test_store_when_upgraded_from_before_namespaces_keeps_old_rows_under_the_default_one(database: str) -> None:
+    old = order(1, portfolio="pf-a")
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        # a store of schema step 1, with one event recorded then (no namespace column yet)
+        await conn.execute(MIGRATIONS[0][1])
+        await conn.execute("CREATE TABLE zvt_schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        await conn.execute("INSERT INTO zvt_schema_migrations (version) VALUES (1)")
+        await conn.execute(
+            "INSERT INTO zvt_events (event_id, event_type, version, occurred_at, portfolio_id, correlation_id, route, envelope)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)",
+            (old.event_id, str(old.event_type), old.version, old.occurred_at, old.portfolio_id, old.correlation_id,
+             str(old.route), encode(old).decode()),
+        )
+    default, other = await EventStore.open(database), await EventStore.open(database, namespace="elsewhere")
+    try:
+        assert await default.migrate() == [2, 3] and await other.migrate() == []
+        assert [s.event for s in await default.events_for_correlation(old.correlation_id)] == [old]
+        assert await other.events_for_correlation(old.correlation_id) == []
+        assert await other.events_for_order("o1") == [] and await other.count() == 0
+    finally:
+        await default.close()
+        await other.close()
 
 
 async def test_store_when_batch_appended_twice_keeps_one_copy_of_each_event(store: EventStore) -> None:
