@@ -300,6 +300,7 @@ class ApiKeys:
             return False
         if key_id == BOOTSTRAP_KEY_ID:
             await self.redis.sadd(self._revoked_bootstrap, digest)
+            self._bootstrap = None
         await self._forget(key_id, digest)
         return True
 
