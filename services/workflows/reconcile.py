@@ -155,6 +155,7 @@ def corrections(record: OrderRecord, found: VenueOrder | None, *, resting: Resti
             return [origin.derive(OrderFailed(
                 order_id=record.order_id, client_order_id=record.client_order_id, reason_code="NOT_AT_VENUE",
                 reason="reconcile: no venue knows this order", venue=record.venue,
+                filled_quantity=record.filled_quantity,  # risk keeps holding what those fills cost
             ), STAGE)]
         return []
     out: list[Event[Any]] = []
