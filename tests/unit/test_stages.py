@@ -3,6 +3,8 @@ the state it loaded, and a ``Commit`` that collects what it emits and writes."""
 
 from __future__ import annotations
 
+import uuid
+
 import datetime as dt
 from decimal import Decimal
 from typing import Any
@@ -85,6 +87,12 @@ def test_order_id_when_made_for_a_shard_names_that_shard() -> None:
     for shard in (0, 3, 4095):
         assert shard_of_order_id(new_order_id(shard)) == shard
     assert shard_of_order_id("not-an-order-id") is None
+
+
+def test_order_ids_when_made_within_one_millisecond_sort_in_the_order_they_were_made() -> None:
+    ids = [new_order_id(1) for _ in range(5000)]  # many share a millisecond; more than 4,096 may
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 7 for i in ids)
 
 
 def test_order_stage_when_validated_creates_the_order_and_emits_order_created() -> None:
