@@ -201,6 +201,50 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+_TICK_LUA = """
+-- The upkeep of an exclusive member, over keys of one slot (on a single Redis: all at once).
+-- ARGV[1] the member, ARGV[2] ttl ms (0: it leaves, releasing what it holds),
+-- ARGV[3] msgpack: the leases it holds, each renewed (or released) if still its own;
+-- ARGV[4] the members registry or '' (a zset: member -> heartbeat expiry, in Redis's clock),
+-- ARGV[5] the shards each member holds (a hash in the registry's slot: member -> '1,5,9'),
+-- ARGV[6] this member's shards. Expired members are dropped from both.
+-- Returns {{1 or 0 per lease: still its own}, {member, its shards, ...} of the live members}
+local name, ttl = ARGV[1], tonumber(ARGV[2])
+local held = {}
+for i, key in ipairs(cmsgpack.unpack(ARGV[3])) do
+  if redis.call('GET', key) == name then
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('DEL', key) end
+    held[i] = 1
+  else
+    held[i] = 0
+  end
+end
+local live = {}
+if ARGV[4] ~= '' then
+  local members, shards = ARGV[4], ARGV[5]
+  if ttl > 0 then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZADD', members, now + ttl, name)
+    redis.call('HSET', shards, name, ARGV[6])
+    for _, gone in ipairs(redis.call('ZRANGEBYSCORE', members, '-inf', '(' .. now)) do
+      redis.call('ZREM', members, gone)
+      redis.call('HDEL', shards, gone)
+    end
+    redis.call('PEXPIRE', members, ttl * 10)
+    redis.call('PEXPIRE', shards, ttl * 10)
+  else
+    redis.call('ZREM', members, name)
+    redis.call('HDEL', shards, name)
+  end
+  for _, m in ipairs(redis.call('ZRANGE', members, 0, -1)) do
+    live[#live + 1] = m
+    live[#live + 1] = redis.call('HGET', shards, m) or ''
+  end
+end
+return {held, live}
+"""
+
 _SEEN_LUA = """
 -- ARGV[1] msgpack: a list of {seen-prefix, {event-id...}, version-key or ''}; returns 1 or 0
 -- per id, in order, then each batch's state version ('' without a version key)
@@ -278,6 +322,7 @@ class Bus:
         self._append = redis.register_script(_PUBLISH_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
         self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._tick = redis.register_script(_TICK_LUA)
         self._apply = redis.register_script(_APPLY_LUA)
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
@@ -615,6 +660,13 @@ class Consumer:
         }
         # exclusive consumers: shard -> (stop signal, read loop) of the shards leased now
         self._owned: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        # every shard whose lease this member holds and renews: those read (``_owned``), those
+        # being taken over, and those being given back (``_leaving``); a take-over or give-back
+        # runs as a task of its own (``_moving``), so that the lease upkeep never waits on
+        # handling and a long take-over does not let the member's other leases expire
+        self._held: set[int] = set()
+        self._leaving: set[int] = set()
+        self._moving: dict[int, asyncio.Task[None]] = {}
         # On a single Redis an exclusive consumer reads all its shards in one loop (one
         # XREADGROUP, one commit per read), as plain members do: batches stay large when
         # traffic is spread thin over many shards. ``_iteration`` is held for one read and its
@@ -1052,59 +1104,144 @@ class Consumer:
     # -- shard leases (exclusive consumers) -----------------------------------------------
 
     async def _lease_loop(self) -> None:
-        """Hold a fair share of the shards: renew what is ours, give back what is too much,
-        take free shards up to the share. A shard taken over is first cleared of the pending
-        entries of its previous owner, oldest first, so each shard keeps its order."""
+        """Hold a fair share of the shards. Every ``lease_renew_ms``: renew the leases held and
+        the heartbeat (one script call on a single Redis), learn who is alive and what each
+        holds, give back what is above the fair share, take free shards up to it. A member
+        whose heartbeat and leases were not renewed for ``lease_ttl_ms`` is dead: the others
+        see it gone at their next upkeep and take its shards, each first cleared of the pending
+        entries of its previous owner, oldest first, so each shard keeps its order. On a clean
+        stop the member finishes the batches in hand, then releases its leases and leaves the
+        registry at once, so the others take its shards at their next upkeep."""
         ttl = self._settings.lease_ttl_ms
+        every = self._settings.lease_renew_ms / 1000
+        loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
+                started = loop.time()
                 try:
                     await self._balance(ttl)
                 except RedisError as exc:
                     log.warning("lease upkeep failed", group=self.group, error=str(exc))
                 except Exception:
                     log.exception("unexpected error in lease upkeep", group=self.group)
-                await self._sleep(ttl / 3000)
+                await self._sleep(max(0.0, every - (loop.time() - started)))
         finally:
-            for shard in list(self._owned):
-                await self._drop(shard, release=True)
-            with contextlib.suppress(RedisError):
-                await self.bus.redis.zrem(self._keys.members(self.group), self.name)
+            await self._leave()
 
     async def _balance(self, ttl: int) -> None:
-        redis = self.bus.redis
-        members = self._keys.members(self.group)
-        now = int(time.time() * 1000)
-        await redis.zadd(members, {self.name: now + ttl})
-        await redis.zremrangebyscore(members, 0, now)
-        live = max(1, int(await redis.zcard(members)))
-        fair = -(-len(self.shards) // live)
-        for shard in list(self._owned):
-            owned = self._owned.get(shard)
-            if owned is None:
-                continue  # its read loop found the lease lost meanwhile
-            done = owned[1].done()
-            if done or not await self._renew_lease(shard, ttl):
-                await self._drop(shard, release=not done)
-        while len(self._owned) > fair:
-            await self._drop(max(self._owned), release=True)
-        if len(self._owned) < fair:
+        held = sorted(self._held)
+        kept, live = await self._upkeep(held, ttl)
+        for shard, still in zip(held, kept, strict=True):
+            if not still:  # expired or taken (this member stalled): not ours to give back
+                self._held.discard(shard)
+                if shard in self._owned and shard not in self._moving:
+                    self._move(shard, self._drop(shard, release=False))
+        for shard, (_, task) in list(self._owned.items()):
+            if task.done() and task is not self._merged_task and shard not in self._moving:
+                self._move(shard, self._give_back(shard))  # its read loop ended (lease lost)
+        fair = -(-len(self.shards) // max(1, len(live)))
+        changed = False
+        staying = self._held - self._leaving
+        if len(staying) > fair:
+            for shard in sorted((s for s in staying if s not in self._moving), reverse=True)[: len(staying) - fair]:
+                self._leaving.add(shard)
+                self._move(shard, self._give_back(shard))
+            changed = True
+        elif len(staying) < fair and not self._stopping.is_set():
+            # shards no live member holds: those of the dead, those given back, those never taken
+            taken = self._held.union(*(s for m, s in live.items() if m != self.name))
             start = shard_offset(self.name, len(self.shards))
-            for shard in self.shards[start:] + self.shards[:start]:
-                if len(self._owned) >= fair or self._stopping.is_set():
-                    break
-                if shard not in self._owned and await self.bus._acquire(
-                    keys=[self._keys.lease(shard, self.group)], args=[self.name, ttl]
-                ):
-                    await self._own(shard)
+            wanted = [s for s in self.shards[start:] + self.shards[:start] if s not in taken][: fair - len(staying)]
+            won = await _gather_bounded([
+                self.bus._acquire(keys=[self._keys.lease(s, self.group)], args=[self.name, ttl]) for s in wanted
+            ])
+            for shard, ok in zip(wanted, won, strict=True):
+                if ok:  # taken over together: a dead member's shards all resume at once
+                    self._held.add(shard)
+                    self._move(shard, self._own(shard))
+                    changed = True
+        if changed:  # tell the others at once what this member holds now
+            await self._upkeep([], ttl)
 
-    async def _renew_lease(self, shard: int, ttl: int) -> bool:
-        key = self._keys.lease(shard, self.group)
-        return bool(await self.bus._renew(keys=[key], args=[self.name, ttl]))
+    def _move(self, shard: int, work: Coroutine[Any, Any, None]) -> None:
+        """Run a take-over or give-back of ``shard`` beside the upkeep."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("shard take-over or give-back failed", group=self.group, shard=shard, error=repr(exc))
+                if shard not in self._owned and shard in self._held:  # a failed take-over: give it back
+                    self._held.discard(shard)
+                    with contextlib.suppress(RedisError):
+                        await self.bus._renew(keys=[self._keys.lease(shard, self.group)], args=[self.name, 0])
+            finally:
+                self._moving.pop(shard, None)
+
+        self._moving[shard] = asyncio.create_task(run(), name=f"move-{self.group}-{shard}")
+
+    async def _give_back(self, shard: int) -> None:
+        try:
+            await self._drop(shard, release=True)
+        finally:
+            self._held.discard(shard)
+            self._leaving.discard(shard)
+
+    async def _upkeep(self, held: list[int], ttl: int) -> tuple[list[bool], dict[str, set[int]]]:
+        """Renew (``ttl`` 0: release) the leases of ``held`` and the heartbeat (0: leave);
+        returns whether each lease was still ours, and the live members with their shards.
+
+        On a cluster the leases (one call per shard: each is in its shard's slot) go first, so
+        that a dead member's leases are gone by the time its heartbeat has expired."""
+        members = self._keys.members(self.group)
+        registry = (members, f"{{{members}}}:shards")  # hash-tagged to the registry's slot
+        mine = ",".join(map(str, sorted(self._held - self._leaving)))
+        leases = [self._keys.lease(s, self.group) for s in held]
+        if self.bus.cluster:
+            flags = [
+                reply[0][0]
+                for reply in await _gather_bounded([
+                    self.bus._tick(keys=[lease], args=[self.name, ttl, _pack([lease]), "", "", ""]) for lease in leases
+                ])
+            ]
+            _, live = await self.bus._tick(keys=[members], args=[self.name, ttl, _pack([]), *registry, mine])
+        else:
+            flags, live = await self.bus._tick(keys=[members], args=[self.name, ttl, _pack(leases), *registry, mine])
+        alive = {
+            _s(live[i]): {int(x) for x in _s(live[i + 1]).split(",") if x} for i in range(0, len(live) - 1, 2)
+        }
+        return [bool(f) for f in flags], alive
+
+    async def _leave(self) -> None:
+        """A clean stop: finish the take-overs and the batches in hand (the leases and heartbeat
+        still renewed meanwhile), then give every lease back and leave the registry in one go."""
+        ttl = self._settings.lease_ttl_ms
+        work = [*self._moving.values(), *(self._drop(s, release=False) for s in list(self._owned))]
+        finishing = asyncio.ensure_future(asyncio.gather(*work, return_exceptions=True))
+        try:
+            while not finishing.done():
+                await asyncio.wait([finishing], timeout=self._settings.lease_renew_ms / 1000)
+                if not finishing.done():
+                    with contextlib.suppress(RedisError):
+                        await self._upkeep(sorted(self._held), ttl)
+        finally:
+            if not finishing.done():  # cancelled: a stop past its drain timeout
+                finishing.cancel()
+        for shard in list(self._owned):  # taken over while the others finished
+            await self._drop(shard, release=False)
+        held = sorted(self._held)
+        try:
+            await self._upkeep(held, 0)
+        except RedisError as exc:
+            log.warning("leaving the group failed; the leases expire on their own", group=self.group, error=str(exc))
+        else:
+            log.info("left the group", group=self.group, consumer=self.name, released=held)
+        self._held.clear()
 
     async def _own(self, shard: int) -> None:
         streams = [k for k, (s, _) in self._streams.items() if s == shard]
         await self._take_over(shard, streams)
+        if shard not in self._held or self._stopping.is_set():
+            return  # lost meanwhile, or stopping: nothing more to read
         halt = asyncio.Event()
         if self._merged_task is not None:
             self._owned[shard] = (halt, self._merged_task)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.core.redact import MASK, redact, remember
@@ -186,11 +186,21 @@ class BusSettings(BaseSettings):
     )
     trim_interval_s: float = Field(30.0, ge=0, le=86_400, description="How often streams are trimmed; 0 turns it off.")
     lease_ttl_ms: int = Field(
-        10_000,
-        ge=300,
+        500,
+        ge=100,
         le=600_000,
-        description="Shard lease lifetime of exclusive consumers; renewed every third of it. A dead owner's "
-        "shards move after at most this long.",
+        description="Lifetime of the shard leases and membership heartbeat of exclusive consumers: a member "
+        "that has not renewed them for this long (killed, frozen, cut off) is taken for dead and its shards "
+        "move to the others, so this bounds the recovery time. Too short for the process's worst stall and "
+        "a slow member loses its shards (its commits are refused, nothing is doubled).",
+    )
+    lease_renew_ms: int = Field(
+        100,
+        ge=10,
+        le=200_000,
+        description="How often an exclusive consumer renews its leases and heartbeat (one script call on a "
+        "single Redis; one per held shard plus one on a cluster) and looks for dead or new members; at most "
+        "a third of `ZVT_BUS_LEASE_TTL_MS`.",
     )
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="How often consumer-group lag is measured.")
 
@@ -198,6 +208,14 @@ class BusSettings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("lease_renew_ms")
+    @classmethod
+    def _renew_within_ttl(cls, value: int, info: ValidationInfo) -> int:
+        ttl = info.data.get("lease_ttl_ms")
+        if ttl is not None and value * 3 > ttl:
+            raise ValueError(f"must be at most a third of ZVT_BUS_LEASE_TTL_MS ({ttl})")
+        return value
 
 
 def _type_name(annotation: Any) -> str:

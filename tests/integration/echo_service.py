@@ -2,7 +2,8 @@
 
 It consumes ``order.requested`` as group ``echo``, re-emits a derived ``order.validated``, and
 counts each committed handling per order id in a hash of the event's shard, inside the same
-atomic commit. ``ZVT_ECHO_DELAY_MS`` makes every handling slow, so a test can kill it mid-batch;
+atomic commit, and which process handled it (its pid, in another hash: the failover tests
+tell the heir's handlings from the old owner's). ``ZVT_ECHO_DELAY_MS`` makes every handling slow, so a test can kill it mid-batch;
 ``ZVT_ECHO_EXCLUSIVE=1`` makes it an exclusive (shard-leasing) consumer.
 """
 
@@ -16,6 +17,7 @@ from services.core.bus import Commit
 from services.core.events import Event, EventType, OrderRequested, OrderValidated
 from services.core.runtime import Service, main
 
+PID = str(os.getpid())
 DELAY = float(os.environ.get("ZVT_ECHO_DELAY_MS", "0")) / 1000
 EXCLUSIVE = os.environ.get("ZVT_ECHO_EXCLUSIVE") == "1"
 
@@ -34,6 +36,7 @@ async def handle(event: Event[Any], commit: Commit) -> None:
         )
     )
     commit.write("HINCRBY", commit.key("echo", "handled"), p.order_id, 1)
+    commit.write("HSET", commit.key("echo", "by"), p.order_id, PID)
 
 
 def build(service: Service) -> None:
