@@ -41,7 +41,8 @@ class RecorderSettings(BaseSettings):
         ge=0.5,
         le=300,
         description="How long one batch's write may take before the event store counts as down (a hung "
-        "server); with `ZVT_RECORDER_POOL_TIMEOUT_S`, keep it below `ZVT_BUS_RECLAIM_IDLE_MS`.",
+        "server; the driver may spend up to 10 s more cancelling the query). Keep this plus "
+        "`ZVT_RECORDER_POOL_TIMEOUT_S` plus 10 s below `ZVT_BUS_RECLAIM_IDLE_MS`.",
     )
     health_interval_s: float = Field(
         2.0,
