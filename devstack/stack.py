@@ -976,18 +976,31 @@ class ThrowawayPostgres:
         directory = Path(tempfile.mkdtemp(prefix="zvt-pg-"))
         if os.geteuid() == 0:
             os.chown(directory, *_pg_owner())
-        chosen = port if port is not None else next((p for p in cls.PORTS if not _port_open(p)), None)
-        if chosen is None:
+        # a port free now may be taken by a test session starting beside this one: try a few
+        candidates = [port] if port is not None else [p for p in cls.PORTS if not _port_open(p)][:5]
+        if not candidates:
             raise PortInUse(f"no free port in {cls.PORTS.start}-{cls.PORTS.stop - 1} for a throwaway PostgreSQL")
-        pg = cls(directory, chosen)
+        pg = cls(directory, candidates[0])
         try:
             pg._initdb()
-            pg.start()
+            for i, chosen in enumerate(candidates):
+                pg._set_port(chosen)
+                try:
+                    pg.start()
+                    break
+                except DevstackError:
+                    if i == len(candidates) - 1 or not _port_open(chosen):
+                        raise
             pg._psql(f'CREATE DATABASE "{POSTGRES_DB}" OWNER "{POSTGRES_USER}"')
         except BaseException:
             pg.remove()
             raise
         return pg
+
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {port}\n")  # the last setting wins
 
     def _initdb(self) -> None:
         proc = _run(
