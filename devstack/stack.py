@@ -40,6 +40,7 @@ __all__ = [
     "SINGLE_PORT",
     "SINGLE_URL",
     "STATE_DIR",
+    "ThrowawayPostgres",
     "cluster_nodes",
     "cluster_startup_nodes",
     "ensure",
@@ -934,6 +935,174 @@ def _postgres_status() -> ComponentStatus:
     except DevstackError as exc:
         return ComponentStatus(name, "degraded", POSTGRES_DSN, f"pid {pid}; {exc}", (pid,))
     return ComponentStatus(name, "running", POSTGRES_DSN, f"pid {pid}", (pid,))
+
+
+class ThrowawayPostgres:
+    """A private PostgreSQL 15 for one test, never the shared one: its own data folder (under
+    the system temp folder) and port on 127.0.0.1, to stop (``-m immediate``: a crash),
+    freeze (SIGSTOP on the server and its backends: a hung server), thaw and start again
+    while the shared instance, Hatchet and other tests carry on. ``remove`` stops it and
+    deletes its folder.
+
+        pg = ThrowawayPostgres.create()
+        try:
+            dsn = pg.dsn
+            pg.stop()
+            pg.start()
+        finally:
+            pg.remove()
+    """
+
+    PORTS = range(15500, 15900)  # below the ephemeral range, like POSTGRES_PORT
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.data = directory / "data"
+        self.logfile = directory / "postgres.log"
+        self._frozen: list[int] = []
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@{HOST}:{self.port}/{POSTGRES_DB}"
+
+    @classmethod
+    def create(cls, port: int | None = None) -> ThrowawayPostgres:
+        """initdb into a new temp folder, start it on ``port`` (default: a free one of
+        ``PORTS``) and create the ``zvt`` database."""
+        import tempfile
+
+        _pg_tool("pg_ctl")  # fail early and clearly without the binaries
+        directory = Path(tempfile.mkdtemp(prefix="zvt-pg-"))
+        if os.geteuid() == 0:
+            os.chown(directory, *_pg_owner())
+        # a port free now may be taken by a test session starting beside this one: try a few
+        candidates = [port] if port is not None else [p for p in cls.PORTS if not _port_open(p)][:5]
+        if not candidates:
+            raise PortInUse(f"no free port in {cls.PORTS.start}-{cls.PORTS.stop - 1} for a throwaway PostgreSQL")
+        pg = cls(directory, candidates[0])
+        try:
+            pg._initdb()
+            for i, chosen in enumerate(candidates):
+                pg._set_port(chosen)
+                try:
+                    pg.start()
+                    break
+                except DevstackError:
+                    if i == len(candidates) - 1 or not _port_open(chosen):
+                        raise
+            pg._psql(f'CREATE DATABASE "{POSTGRES_DB}" OWNER "{POSTGRES_USER}"')
+        except BaseException:
+            pg.remove()
+            raise
+        return pg
+
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {port}\n")  # the last setting wins
+
+    def _initdb(self) -> None:
+        proc = _run(
+            _as_pg_user([
+                _pg_tool("initdb"), "-D", str(self.data), "--username", POSTGRES_USER, "--auth", "trust",
+                "--encoding", "UTF8", "--locale", "C.UTF-8", "--no-sync",
+            ]),
+            timeout=120,
+            cwd=self.directory,
+        )
+        if proc.returncode != 0:
+            raise DevstackError(f"initdb failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write("\n".join([
+                "", "# --- zvt throwaway instance ---", f"listen_addresses = '{HOST}'", f"port = {self.port}",
+                f"unix_socket_directories = '{self.directory}'", "timezone = 'UTC'", "log_timezone = 'UTC'",
+                "fsync = off", "max_connections = 100", "",
+            ]))
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs."""
+        pid = _read_pidfile(self.data / "postmaster.pid")
+        return pid if pid is not None and _pid_alive(pid, r"postgres") else None
+
+    def start(self) -> None:
+        if self.pid() is not None:
+            return
+        proc = _run(
+            _as_pg_user([
+                _pg_tool("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-o", f"-p {self.port}",
+                "-w", "-t", "60", "start",
+            ]),
+            timeout=90,
+            cwd=self.directory,
+            new_session=True,
+        )
+        if proc.returncode != 0:
+            raise DevstackError(
+                f"throwaway postgres failed to start (exit {proc.returncode}): {proc.stdout.strip()} "
+                f"{proc.stderr.strip()}\n" + _tail(self.logfile)
+            )
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``pg_ctl stop -m <mode>``: ``immediate`` drops every connection at once, like a crash."""
+        self.thaw()
+        if self.pid() is None:
+            return
+        proc = _run(
+            _as_pg_user([_pg_tool("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"]),
+            timeout=90,
+            cwd=self.directory,
+        )
+        if proc.returncode != 0 and self.pid() is not None:
+            raise DevstackError(f"throwaway postgres failed to stop: {proc.stdout.strip()} {proc.stderr.strip()}")
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the server and every backend: connections stay open, nothing answers."""
+        pid = self.pid()
+        if pid is None:
+            raise DevstackError("throwaway postgres is not running")
+        pids = [pid, *_children(pid)]
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, _signal.SIGSTOP)
+        self._frozen = pids
+        return pids
+
+    def thaw(self) -> None:
+        """SIGCONT what ``freeze`` stopped."""
+        for p in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, _signal.SIGCONT)
+        self._frozen = []
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _psql(self, sql: str) -> str:
+        proc = _run(
+            [_pg_tool("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(self.port),
+             "-U", POSTGRES_USER, "-d", "postgres", "-c", sql],
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise DevstackError(f"psql failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout.strip()
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 # --------------------------------------------------------------------------- all together

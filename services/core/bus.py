@@ -19,7 +19,9 @@ cluster each shard has its own). For each batch it
 A handler that raises leaves its entry pending; the entry is retried when the reclaimer finds
 it idle, and after ``max_deliveries`` deliveries it moves to the shard's dead-letter stream
 with the error and the delivery count. Entries of consumers that died are reclaimed the same
-way. The same code runs on one Redis and on Redis Cluster.
+way. A handler that raises ``Unavailable`` (a dependency is down, not a verdict on the input)
+spends none of that budget: the consumer pauses and retries the same entries with backoff.
+The same code runs on one Redis and on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from services.core.telemetry import (
     BUS_DELIVERY_LATENCY,
     BUS_LAG,
     BUS_MESSAGES,
+    BUS_PAUSED,
     BUS_PENDING,
     BUS_PUBLISHED,
     BUS_RECLAIMED,
@@ -73,6 +76,7 @@ __all__ = [
     "EventHandler",
     "Handler",
     "PermanentError",
+    "Unavailable",
     "default_consumer_name",
 ]
 
@@ -91,6 +95,19 @@ class LeaseLost(Exception):
 
 class PermanentError(Exception):
     """Raised by a handler for input that can never succeed: dead-lettered at once."""
+
+
+class Unavailable(Exception):
+    """Raised by a handler when something it depends on is down (its database unreachable or
+    hung, a connection lost): not a verdict on the input, so it costs the entries nothing.
+
+    The attempt does not count toward ``max_deliveries`` (the entries' delivery counts are put
+    back) and nothing is dead-lettered. The consumer pauses: it reads and reclaims nothing new
+    while it retries the same entries with backoff (doubling up to ``UNAVAILABLE_BACKOFF_MAX_S``)
+    until they go through. On a stop they stay pending, counted as before. If any handler of a
+    read raises it, none of that read's handled entries commit: they are all retried together,
+    in order.
+    """
 
 
 EventHandler = Callable[[Event[Any], "Commit"], Awaitable[None]]
@@ -112,6 +129,13 @@ class Batch:
 
 
 Handler = EventHandler | Batch
+
+
+UNAVAILABLE_BACKOFF_S = 0.1
+"""First pause of a consumer whose handler raised ``Unavailable``; it doubles per failed retry ..."""
+UNAVAILABLE_BACKOFF_MAX_S = 5.0
+"""... up to this, or half of ``reclaim_idle_ms`` if less (the entries held are touched before
+each retry, so other members of the group do not reclaim them meanwhile)."""
 
 
 def default_consumer_name(service: str) -> str:
@@ -676,6 +700,11 @@ class Consumer:
         self._iteration = asyncio.Lock()
         self._merged_task: asyncio.Task[None] | None = None
         self._shard_locks: dict[int, asyncio.Lock] = {}
+        # loops holding entries back because a handler raised Unavailable; while any does, no
+        # loop reads or reclaims anything new (``_resumed`` is set again when none does)
+        self._holding = 0
+        self._resumed = asyncio.Event()
+        self._resumed.set()
         self.healthy = False
         self.processed = 0
 
@@ -708,6 +737,12 @@ class Consumer:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def paused(self) -> bool:
+        """True while a handler's dependency is down (it raised ``Unavailable``): the consumer
+        retries the entries in hand and reads nothing new."""
+        return self._holding > 0
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for the loops to end; on timeout cancel them (their entries stay pending)."""
@@ -754,6 +789,9 @@ class Consumer:
         while not self._stopping.is_set() and not (halt is not None and halt.is_set()):
             if fixed is None and not self._reading:
                 await self._sleep(0.05)
+                continue
+            if self._holding:
+                await self._wait_resumed()
                 continue
             try:
                 async with guard:
@@ -810,6 +848,16 @@ class Consumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    async def _wait_resumed(self) -> None:
+        """Wait while another loop holds entries back (a dependency is down), or until a stop."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        resumed = asyncio.ensure_future(self._resumed.wait())
+        try:
+            await asyncio.wait({stop, resumed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            resumed.cancel()
+
     # -- processing ----------------------------------------------------------------------------
 
     async def _process(self, entries: list[_Entry]) -> None:
@@ -817,16 +865,84 @@ class Consumer:
 
         An exclusive consumer's commit of a shard is refused whole when that shard's state
         changed after it was read (a workflow task committed to it meanwhile): those entries
-        are handled again on the fresh state."""
-        for _ in range(100):
-            moved = await self._process_once(entries)
-            if not moved:
-                return
-            BUS_STATE_CONFLICTS.labels(self.group).inc(len(moved))
-            entries = [e for e in entries if e.shard in moved]
-        raise RuntimeError(f"{self.group}: state of shards {sorted(moved)} kept moving; entries stay pending")
+        are handled again on the fresh state.
 
-    async def _process_once(self, entries: list[_Entry]) -> set[int]:
+        When a handler raises ``Unavailable`` the entries it had are held: their delivery
+        counts are put back, the consumer pauses, and they are retried with backoff until
+        they commit or the consumer stops."""
+        conflicts = 0
+        held = False
+        backoff = UNAVAILABLE_BACKOFF_S
+        cap = min(UNAVAILABLE_BACKOFF_MAX_S, self._settings.reclaim_idle_ms / 2000)
+        try:
+            while True:
+                moved, deferred = await self._process_once(entries)
+                if deferred:
+                    entries = [e for e in entries if e.shard in moved or id(e) in deferred]
+                    if not held:
+                        held = True
+                        self._hold(+1)
+                    await self._touch(entries)
+                    log.warning(
+                        "dependency unavailable; holding entries, reading nothing new", group=self.group,
+                        entries=len(entries), retry_in_s=round(backoff, 3),
+                    )
+                    await self._sleep(backoff)
+                    if self._stopping.is_set():
+                        return  # they stay pending, their delivery counts as before
+                    backoff = min(backoff * 2, cap)
+                    entries = await self._touch(entries)  # still ours, idle again
+                    if not entries:
+                        return  # another member finished them meanwhile
+                    continue
+                if held:
+                    held = False
+                    self._hold(-1)
+                    log.info("dependency available again; resuming", group=self.group)
+                if not moved:
+                    return
+                conflicts += 1
+                BUS_STATE_CONFLICTS.labels(self.group).inc(len(moved))
+                if conflicts >= 100:
+                    raise RuntimeError(f"{self.group}: state of shards {sorted(moved)} kept moving; entries stay pending")
+                entries = [e for e in entries if e.shard in moved]
+        finally:
+            if held:
+                self._hold(-1)
+
+    def _hold(self, delta: int) -> None:
+        self._holding += delta
+        BUS_PAUSED.labels(self.group).set(1 if self._holding else 0)
+        if self._holding:
+            self._resumed.clear()
+        else:
+            self._resumed.set()
+
+    async def _touch(self, entries: list[_Entry]) -> list[_Entry]:
+        """Claim held entries again for this consumer without counting a delivery: their
+        delivery count goes back to what it was before this attempt, and their idle time to 0
+        (so that no member reclaims them while they are held). Returns those still pending."""
+        kept: list[_Entry] = []
+        groups: dict[tuple[str, int], list[_Entry]] = {}
+        for entry in entries:
+            groups.setdefault((entry.stream, entry.deliveries - 1), []).append(entry)
+        for (stream, count), group in groups.items():
+            try:
+                ids: Any = await self.bus.redis.xclaim(
+                    stream, self.group, self.name, min_idle_time=0, message_ids=[e.entry_id for e in group],
+                    retrycount=count, justid=True,
+                )
+            except RedisError as exc:
+                log.warning("could not keep held entries", group=self.group, error=str(exc))
+                kept += group
+                continue
+            claimed = {_s(i) for i in ids}
+            kept += [e for e in group if e.entry_id in claimed]
+        return kept
+
+    async def _process_once(self, entries: list[_Entry]) -> tuple[set[int], set[int]]:
+        """Returns the shards whose state moved (nothing of them committed) and the entries
+        (their ``id``) held back because a handler raised ``Unavailable``."""
         started = time.perf_counter()
         out = _Outcome()
         records: dict[int, list[Any]] = {}
@@ -873,6 +989,10 @@ class Consumer:
         handlers = self.handlers
         traced = tracing.enabled
         batched: dict[int, list[tuple[_Entry, Event[Any], list[Any]]]] = {}
+        # what each handled entry came to: its commit, or the exception its handler raised;
+        # applied once every handler has run (none, if one found a dependency unavailable)
+        results: list[tuple[tuple[_Entry, Event[Any], list[Any]], Commit | Exception]] = []
+        unavailable = False
         for item in todo:
             entry, event, recs = item
             handler = handlers[entry.event_type]
@@ -890,12 +1010,15 @@ class Consumer:
                         await handler(event, commit)
                     finally:
                         current_event.reset(token)
+            except Unavailable:
+                unavailable = True
+                break
             except Exception as exc:
-                self._failed(out, entry, event, recs, exc)
+                results.append((item, exc))
                 continue
-            self._succeeded(out, entry, event, recs, commit, foreign)
+            results.append((item, commit))
 
-        for items in batched.values():
+        for items in batched.values() if not unavailable else ():
             items.sort(key=lambda item: _parse_id(item[0].entry_id))  # stream (arrival) order
             batch_handler = handlers[items[0][0].event_type]
             assert isinstance(batch_handler, Batch)
@@ -903,21 +1026,39 @@ class Consumer:
             try:
                 with batch_span(f"{self.group} batch", [event for _, event, _ in items], group=self.group):
                     await batch_handler.fn([(event, commit) for (_, event, _), commit in zip(items, commits)])
+            except Unavailable:
+                unavailable = True
+                break
             except Exception as exc:
-                for entry, event, recs in items:
-                    self._failed(out, entry, event, recs, exc)
+                results += [(item, exc) for item in items]
                 continue
-            for (entry, event, recs), commit in zip(items, commits, strict=True):
-                if commit.error is not None:
-                    self._failed(out, entry, event, recs, commit.error)
+            for item, commit in zip(items, commits, strict=True):
+                if isinstance(commit.error, Unavailable):
+                    unavailable = True
+                results.append((item, commit.error if commit.error is not None else commit))
+            if unavailable:
+                break
+
+        deferred: set[int] = set()
+        if unavailable:
+            # a dependency is down: nothing handled in this read commits, nothing counts, and
+            # the errors remembered from earlier deliveries stay
+            deferred = {id(entry) for entry, _, _ in todo}
+            held = {(entry.stream, entry.entry_id) for entry, _, _ in todo}
+            for shard, recs in records.items():
+                records[shard] = [r for r in recs if not (r[0] == "X" and (r[1], r[2]) in held)]
+        else:
+            for (entry, event, recs), result in results:
+                if isinstance(result, Exception):
+                    self._failed(out, entry, event, recs, result)
                 else:
-                    self._succeeded(out, entry, event, recs, commit, foreign)
+                    self._succeeded(out, entry, event, recs, result, foreign)
 
         if foreign:
             await self.bus.publish_many(foreign)
         dups, moved = await self._commit(records, versions)
-        if moved:
-            return moved
+        if moved or deferred:
+            return moved, deferred
         if dups:  # handled, but another copy had committed first
             types = {event.event_id: entry.event_type for entry, event, _ in todo}
             for event_id in dups:
@@ -925,7 +1066,7 @@ class Consumer:
                 out.add(types[_s(event_id)], "duplicate")
         self.processed += len(entries)
         self._observe(entries, out, time.perf_counter() - started)
-        return moved
+        return moved, deferred
 
     def _succeeded(
         self, out: _Outcome, entry: _Entry, event: Event[Any], recs: list[Any], commit: Commit,
@@ -1026,6 +1167,8 @@ class Consumer:
             await self._sleep(interval)
             if self._stopping.is_set():
                 break
+            if self._holding:
+                continue  # a dependency is down: the held entries are retried, nothing new taken
             try:
                 await self.reclaim()
             except LeaseLost as exc:

@@ -85,6 +85,11 @@ BUS_STATE_CONFLICTS = Counter(
     "zvt_bus_state_conflicts", "Shard batches handled again because a workflow task changed their state meanwhile", ["group"]
 )
 BUS_PUBLISHED = Counter("zvt_bus_published", "Events published", ["stream"])
+BUS_PAUSED = Gauge(
+    "zvt_bus_consumer_paused",
+    "1 while the group's consumer in this process holds back because a handler's dependency is down",
+    ["group"],
+)
 BUS_LAG = Gauge("zvt_bus_lag", "Entries not yet delivered to the group", ["stream", "group", "shard"])
 BUS_PENDING = Gauge("zvt_bus_pending", "Entries delivered to the group and not yet acknowledged", ["stream", "group", "shard"])
 

@@ -22,3 +22,32 @@ class RecorderSettings(BaseSettings):
         description="PostgreSQL of the event store (a secret in production: pass it by reference).",
     )
     pool_size: int = Field(4, ge=1, le=64, description="Connections to the event store.")
+    connect_timeout_s: int = Field(
+        5,
+        ge=2,
+        le=60,
+        description="How long opening a connection to the event store may take, seconds (libpq's "
+        "`connect_timeout`, whose minimum is 2).",
+    )
+    pool_timeout_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=60,
+        description="How long a write waits for a pooled connection before the event store counts as down "
+        "(the recorder then pauses and retries, spending none of the entries' delivery budget).",
+    )
+    write_timeout_s: float = Field(
+        10.0,
+        ge=0.5,
+        le=300,
+        description="How long one batch's write may take before the event store counts as down (a hung "
+        "server; the driver may spend up to 10 s more cancelling the query). Keep this plus "
+        "`ZVT_RECORDER_POOL_TIMEOUT_S` plus 10 s below `ZVT_BUS_RECLAIM_IDLE_MS`.",
+    )
+    health_interval_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=60,
+        description="How often the event store is probed (`SELECT 1`) for `/readyz`; a write that finds it "
+        "down or up tells at once.",
+    )

@@ -8,23 +8,29 @@ event is only ever published after its cause was read.
 
 The schema is created and upgraded by ``migrate`` (numbered steps, applied once, under an
 advisory lock so that several recorders starting together do not race).
+
+When PostgreSQL is down, unreachable or hung, ``append`` and ``migrate`` raise
+``StoreUnavailable`` within their timeouts (an error that says nothing about the events), and
+``ping`` answers False: the recorder pauses and retries instead of giving up on the events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.core.codec import decode_any, encode
 from services.core.events import Event
 
-__all__ = ["MIGRATIONS", "EventStore", "StoredEvent"]
+__all__ = ["MIGRATIONS", "EventStore", "StoreUnavailable", "StoredEvent", "is_unavailable"]
 
 _LOCK = 0x7A7674  # advisory lock key of the migrations ("zvt")
 
@@ -88,6 +94,27 @@ _INSERT = """
 _COLUMNS = "seq, event_id, recorded_at, envelope::text"
 
 
+class StoreUnavailable(Exception):
+    """PostgreSQL is down, unreachable, hung or out of resources: nothing is wrong with what
+    was asked of it, so ask again later."""
+
+
+# SQLSTATE classes that speak of the server, not of the statement: connection exception,
+# insufficient resources (disk full, too many connections), operator intervention (shutdown,
+# starting up, a query canceled by our own timeout), system error (I/O)
+_DOWN_CLASSES = ("08", "53", "57", "58")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is unavailable (rather than a bad statement or row)."""
+    if isinstance(exc, StoreUnavailable | PoolTimeout | TimeoutError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state[:2] in _DOWN_CLASSES  # None: raised by the client (connection lost)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     seq: int
@@ -104,20 +131,49 @@ class EventStore:
         them chose (a workflow run id, a client's correlation id) may exist in the other."""
         self.pool = pool
         self.namespace = namespace
+        self._probe: tuple[str, int | None] = (pool.conninfo if isinstance(pool.conninfo, str) else "", None)
 
     @classmethod
-    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 4, namespace: str = "zvt") -> EventStore:
+    async def open(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 4, namespace: str = "zvt", timeout: float = 30.0,
+        connect_timeout: int | None = None, reconnect_timeout: float = 300.0, open_timeout: float = 30.0,
+    ) -> EventStore:
+        """A store over a new pool. ``timeout``: how long a call waits for a pooled connection;
+        ``connect_timeout``: libpq's, for each new connection; ``reconnect_timeout``: how long
+        the pool keeps retrying one lost connection in the background before it gives up and
+        lets the next call start a fresh attempt (short: it notices a server back sooner);
+        ``open_timeout``: how long to wait for the first connection (else ``StoreUnavailable``)."""
+        kwargs: dict[str, Any] = {"autocommit": False}
+        if connect_timeout is not None:
+            kwargs["connect_timeout"] = connect_timeout
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": False}
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs=kwargs, timeout=timeout,
+            reconnect_timeout=reconnect_timeout,
         )
-        await pool.open(wait=True, timeout=30)
-        return cls(pool, namespace)
+        try:
+            await pool.open(wait=True, timeout=open_timeout)
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, Exception) and is_unavailable(exc):
+                raise StoreUnavailable(f"event store unreachable: {exc}") from exc
+            raise
+        store = cls(pool, namespace)
+        store._probe = (dsn, connect_timeout)
+        return store
 
     async def close(self) -> None:
         await self.pool.close()
 
     async def migrate(self) -> list[int]:
         """Apply the migrations not applied yet; returns the versions applied now."""
+        try:
+            return await self._migrate()
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable(f"event store unavailable: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def _migrate(self) -> list[int]:
         applied: list[int] = []
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
@@ -135,16 +191,43 @@ class EventStore:
                 applied.append(version)
         return applied
 
-    async def append(self, events: Sequence[Event[Any]]) -> int:
-        """Store events in the given order, in one transaction; returns how many were new."""
+    async def append(self, events: Sequence[Event[Any]], *, timeout: float | None = None) -> int:
+        """Store events in the given order, in one transaction; returns how many were new.
+
+        Raises ``StoreUnavailable`` when the database is down, unreachable or does not finish
+        within ``timeout`` seconds (then nothing was committed, or all of it was: a retry
+        inserts nothing twice)."""
         if not events:
             return 0
         rows = [(*_row(event), self.namespace) for event in events]
-        async with self.pool.connection() as conn, conn.transaction():
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT, rows, returning=False)
-                inserted = cur.rowcount
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.pool.connection() as conn, conn.transaction():
+                    async with conn.cursor() as cur:
+                        await cur.executemany(_INSERT, rows, returning=False)
+                        inserted = cur.rowcount
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable(f"event store unavailable: {type(exc).__name__}: {exc}") from exc
+            raise
         return max(inserted, 0)
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the database answers ``SELECT 1`` on a new connection within ``timeout``
+        seconds (a new one: a pooled connection to a hung server could hang the probe)."""
+        try:
+            async with asyncio.timeout(timeout):
+                dsn, connect_timeout = self._probe
+                conn = await AsyncConnection.connect(
+                    dsn, autocommit=True, connect_timeout=connect_timeout or max(2, int(timeout))
+                )
+                async with conn:
+                    await conn.execute("SELECT 1")
+            return True
+        except Exception as exc:
+            if is_unavailable(exc):
+                return False
+            raise
 
     async def events_for_correlation(self, correlation_id: str, limit: int = 10_000) -> list[StoredEvent]:
         """The audit trail of one order or workflow run (of this store's namespace), in causal order."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+
+from devstack.stack import ThrowawayPostgres
 
 from services.core.bus import Bus
 from services.core.codec import encode
@@ -136,3 +139,100 @@ async def test_recorder_when_running_stores_every_event_of_every_route_once(
     finally:
         service.stop()
         assert await asyncio.wait_for(running, 15) == 0
+
+
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[ThrowawayPostgres]:
+    """A throwaway PostgreSQL these tests stop, freeze and start again (never the shared one)."""
+    pg = ThrowawayPostgres.create()
+    try:
+        yield pg
+    finally:
+        pg.remove()
+
+
+async def test_recorder_readyz_when_postgres_goes_away_is_false_until_it_is_back_and_nothing_is_lost(
+    target: Target, redis: AnyRedis, bus_settings: Callable[..., BusSettings], private_postgres: ThrowawayPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started while its PostgreSQL is down, the recorder waits, not ready; once it is up,
+    ready. Down again (stopped, then frozen) for longer than the delivery budget: not ready,
+    and the events published meanwhile are stored once it is back, none dead-lettered."""
+    pg = private_postgres
+    pg.thaw()
+    pg.stop()
+    for name, value in {
+        "ZVT_RECORDER_POSTGRES_DSN": pg.dsn, "ZVT_RECORDER_CONNECT_TIMEOUT_S": "2",
+        "ZVT_RECORDER_POOL_TIMEOUT_S": "0.3", "ZVT_RECORDER_WRITE_TIMEOUT_S": "1",
+        "ZVT_RECORDER_HEALTH_INTERVAL_S": "0.2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = bus_settings(max_deliveries=2)  # reclaimed after 0.3 s: a budget of well under 2 s
+    service = Service("recorder", core=target.core(http_port=0, log_level="WARNING"), bus=settings)
+    build(service)
+    running = asyncio.create_task(service.run())
+    bus = Bus(redis, settings)
+    http = httpx.AsyncClient(timeout=5)
+
+    async def ready() -> tuple[int, dict[str, bool]]:
+        while service.http_port is None:
+            await asyncio.sleep(0.02)
+        response = await http.get(f"http://127.0.0.1:{service.http_port}/readyz")
+        return response.status_code, response.json()["checks"]
+
+    async def is_ready(expected: bool) -> bool:
+        status, checks = await ready()
+        return (status == 200 and checks["event_store"] is True) if expected else (
+            status == 503 and checks["event_store"] is False
+        )
+
+    store: EventStore | None = None
+    try:
+        await eventually(lambda: is_ready(False), timeout=10)
+        await asyncio.sleep(1.0)
+        assert await is_ready(False) and not running.done()  # still waiting, not crashed
+        pg.start()
+        await eventually(lambda: is_ready(True), timeout=15)
+        store = await EventStore.open(pg.dsn, namespace=settings.namespace)
+        first = [order(i) for i in range(20)]
+        await bus.publish_many(first)
+        await eventually(lambda: _count(store, len(first)), timeout=15)
+
+        published = list(first)
+        for fault in ("down", "frozen"):
+            if fault == "down":
+                pg.stop()
+            else:
+                pg.freeze()
+            await eventually(lambda: is_ready(False), timeout=10)
+            during = [order(1000 * len(published) + i) for i in range(20)]
+            await bus.publish_many(during)
+            published += during
+            await asyncio.sleep(3.0)  # the budget, several times over
+            assert await is_ready(False)
+            if fault == "down":
+                pg.start()
+            else:
+                pg.thaw()
+            await eventually(lambda: is_ready(True), timeout=20)
+            await eventually(lambda: _count(store, len(published)), timeout=30)
+        assert await bus.dead_letters() == []
+        assert await bus.backlog("recorder", list(EventType)) == 0
+        stored = {s.event.event_id for e in published for s in await store.events_for_correlation(e.correlation_id)}
+        assert stored == {e.event_id for e in published}
+    finally:
+        pg.thaw()
+        pg.start()
+        if store is not None:
+            await store.close()
+        await http.aclose()
+        service.stop()
+        assert await asyncio.wait_for(running, 30) == 0
+
+
+async def _count(store: EventStore | None, expected: int) -> bool:
+    assert store is not None
+    try:
+        return await store.count() == expected
+    except psycopg.OperationalError:
+        return False
