@@ -1,10 +1,26 @@
 """``Client`` and ``AsyncClient``: the same calls, one over ``httpx.Client``, one over
-``httpx.AsyncClient``. Each call is described once (``_Call``) and parsed once."""
+``httpx.AsyncClient``. Each call is described once (``_Call``) and parsed once.
+
+Connections and retries (docs/api.md, "The Python client"):
+
+- an idle pooled connection is reused for at most ``keepalive_expiry`` seconds (2 s by
+  default), well below the gateway's keep-alive (``ZVT_GATEWAY_KEEP_ALIVE_S``, 75 s), so the
+  client never picks a connection the server is closing for being idle at that very moment;
+- a call that is safe to repeat (``place_order``, whose ``client_order_id`` makes a repeat
+  return the same order; every ``GET``; the ``PUT`` s) is sent again after a transport error
+  in which the answer was lost (connection refused, reset or closed before the answer,
+  connect timeout): at most ``retries`` more times (2 by default), after 0.05 s, 0.1 s, ...
+  with jitter. A read timeout is not retried (the time is spent). Other calls (creating or
+  revoking a key, cancelling, starting a rebalance) are never repeated.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from types import TracebackType
@@ -19,6 +35,21 @@ __all__ = ["AsyncClient", "Client"]
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8080"
+KEEPALIVE_EXPIRY_S = 2.0
+"""Longest an idle pooled connection is reused: well below the gateway's keep-alive (75 s)
+and any usual proxy's, so a reused connection is never one the server is just closing."""
+RETRIES = 2
+"""Repeats of a repeatable call after a transport error that lost its answer."""
+
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+"""Transport errors after which the request may or may not have reached the gateway, and no
+answer came: a repeatable call is sent again. ``ReadTimeout`` is not among them."""
+
+
+def _backoff(attempt: int) -> float:
+    """0.05 s, 0.1 s, 0.2 s, ... (at most 1 s), with up to 50 % jitter."""
+    base: float = min(1.0, 0.05 * 2**attempt)
+    return base * (0.5 + random.random() / 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +59,12 @@ class _Call(Generic[T]):
     parse: Callable[[httpx.Response], T]
     json: Any = None
     params: Mapping[str, Any] | None = None
+    repeatable: bool = False
+    """Safe to send again when its answer was lost: idempotent on the gateway."""
+
+    def __post_init__(self) -> None:
+        if self.method in ("GET", "PUT"):
+            object.__setattr__(self, "repeatable", True)
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -77,7 +114,8 @@ class _Calls:
         params: dict[str, Any] = {"wait": wait} if wait is not None else {}
         if durable:
             params["durable"] = "true"
-        return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params or None)
+        # idempotent by client_order_id: the same body again returns the same order (200)
+        return _Call("POST", "/v1/orders", _order, json=request.to_json(), params=params or None, repeatable=True)
 
     @staticmethod
     def rebalance(portfolio_id: str, targets: Mapping[str, Decimal | str], all_or_nothing: bool) -> _Call[str]:
@@ -154,23 +192,45 @@ def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str,
 
 
 class Client:
-    """Synchronous client. ``transport`` lets tests plug an ``httpx`` transport in."""
+    """Synchronous client. ``transport`` lets tests plug an ``httpx`` transport in.
+
+    ``keepalive_expiry``: longest an idle connection is reused (keep it well below the
+    server's keep-alive); ``retries``: how many times a repeatable call is sent again after a
+    transport error lost its answer (0: never)."""
 
     def __init__(
         self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 40.0,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, keepalive_expiry: float = KEEPALIVE_EXPIRY_S,
+        retries: int = RETRIES,
     ) -> None:
         url, headers = _settings(base_url, api_key)
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
+        self.retries = max(0, retries)
+        self._http = httpx.Client(
+            base_url=url, headers=headers, timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=keepalive_expiry),
+        )
 
     def _run(self, call: _Call[T]) -> T:
-        response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+                break
+            except _RETRYABLE:
+                if not call.repeatable or attempt >= self.retries:
+                    raise
+            time.sleep(_backoff(attempt))
+            attempt += 1
         _raise_for(response)
         return call.parse(response)
 
     def place_order(self, request: OrderRequest, *, wait: float | None = None, durable: bool = False) -> OrderResult:
-        """Submit an order; safe to retry with the same request (same ``client_order_id``).
-        ``durable``: through the ``trading.place_order`` workflow instead of the streams."""
+        """Submit an order. Safe to repeat with the same request (same ``client_order_id``):
+        the gateway returns the order made the first time (``200``). So when a transport error
+        loses the answer (the connection refused, reset or closed under the request), the
+        client sends it again by itself, up to ``retries`` times with a short backoff; it
+        raises the error only when every try failed. ``durable``: through the
+        ``trading.place_order`` workflow instead of the streams."""
         return self._run(_Calls.place_order(request, wait, durable))
 
     def workflow(self, run_id: str) -> dict[str, Any]:
@@ -225,21 +285,37 @@ class Client:
 
 
 class AsyncClient:
-    """Asynchronous client, the same calls as ``Client``."""
+    """Asynchronous client, the same calls, connection reuse and retries as ``Client``."""
 
     def __init__(
         self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 40.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None, keepalive_expiry: float = KEEPALIVE_EXPIRY_S,
+        retries: int = RETRIES,
     ) -> None:
         url, headers = _settings(base_url, api_key)
-        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
+        self.retries = max(0, retries)
+        self._http = httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=keepalive_expiry),
+        )
 
     async def _run(self, call: _Call[T]) -> T:
-        response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+                break
+            except _RETRYABLE:
+                if not call.repeatable or attempt >= self.retries:
+                    raise
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
         _raise_for(response)
         return call.parse(response)
 
     async def place_order(self, request: OrderRequest, *, wait: float | None = None, durable: bool = False) -> OrderResult:
+        """Submit an order; repeated by itself after a transport error lost the answer, as
+        ``Client.place_order`` describes (same ``client_order_id``: the same order back)."""
         return await self._run(_Calls.place_order(request, wait, durable))
 
     async def workflow(self, run_id: str) -> dict[str, Any]:

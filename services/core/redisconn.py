@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import hiredis
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
@@ -15,9 +15,13 @@ from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from services.core.settings import CoreSettings
 
-__all__ = ["AnyRedis", "ScriptBatcher", "connect", "open_redis", "scan_keys"]
+__all__ = ["MAX_CONNECTIONS", "AnyRedis", "ScriptBatcher", "connect", "open_redis", "scan_keys"]
 
 AnyRedis: TypeAlias = Redis | RedisCluster
+
+MAX_CONNECTIONS = 512
+"""Connections per process (on a cluster: per node). The default 100 is less than a cold
+start fans out."""
 
 
 class HiredisPackingConnection(Connection):
@@ -46,7 +50,14 @@ class HiredisPackingConnection(Connection):
 
 
 def connect(settings: CoreSettings) -> AnyRedis:
-    """A client for ``settings.redis_url``; the caller closes it with ``aclose()``."""
+    """A client for ``settings.redis_url``; the caller closes it with ``aclose()``.
+
+    On a single node, a command that finds all ``MAX_CONNECTIONS`` in use waits up to
+    ``ZVT_REDIS_POOL_TIMEOUT_S`` for one to come back (``BlockingConnectionPool``) instead of
+    failing at once with "too many connections". redis-py's cluster client has no blocking
+    pool: there each node's pool fails with ``MaxConnectionsError`` (a ``ConnectionError``)
+    when full, which the gateway answers 503 like any other Redis error.
+    """
     retry = Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=3, supported_errors=(ConnectionError, TimeoutError))
     if settings.redis_cluster:
         cluster = RedisCluster.from_url(
@@ -55,7 +66,7 @@ def connect(settings: CoreSettings) -> AnyRedis:
             socket_connect_timeout=settings.redis_timeout_s,
             retry=retry,
             health_check_interval=0,
-            max_connections=512,  # per node; the default 100 is less than a cold start fans out
+            max_connections=MAX_CONNECTIONS,  # per node
         )
         # RedisCluster fixes its connection class; nodes are built from these kwargs.
         for kwargs in (cluster.connection_kwargs, cluster.nodes_manager.connection_kwargs):
@@ -63,14 +74,16 @@ def connect(settings: CoreSettings) -> AnyRedis:
         for node in cluster.nodes_manager.startup_nodes.values():
             node.connection_class = HiredisPackingConnection
         return cluster
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         retry=retry,
-        max_connections=512,
+        max_connections=MAX_CONNECTIONS,
+        timeout=settings.redis_pool_timeout_s,
         connection_class=HiredisPackingConnection,
     )
+    return Redis.from_pool(pool)
 
 
 async def scan_keys(redis: AnyRedis, pattern: str) -> AsyncIterator[str]:
@@ -123,6 +136,11 @@ class ScriptBatcher:
             while self._queue:
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
+                # calls whose caller gave up meanwhile (its request ran out of time while
+                # Redis hung) are not sent any more
+                batch = [call for call in batch if not call[2].done()]
+                if not batch:
+                    continue
                 try:
                     replies = await self._send(batch)
                 except Exception as exc:  # the round trip failed: every call of it did

@@ -117,6 +117,11 @@ class CoreSettings(BaseSettings):
     )
     redis_cluster: bool = Field(False, description="Treat `ZVT_REDIS_URL` as a Redis Cluster node.")
     redis_timeout_s: float = Field(5.0, gt=0, le=60, description="Socket timeout for Redis commands, seconds.")
+    redis_pool_timeout_s: float = Field(
+        5.0, gt=0, le=60,
+        description="How long a Redis command waits for a free connection when all 512 of the process's are in use "
+        "(single node), seconds; then it fails with a connection error.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
     log_format: Literal["json", "console"] = Field("json", description="`json` for machines, `console` for people.")
     http_host: str = Field("127.0.0.1", description="Address of the health and metrics endpoint; `0.0.0.0` in a pod.")

@@ -46,6 +46,9 @@ def build(service: Service) -> None:
         config = uvicorn.Config(
             create_app(gateway), host=settings.host, port=settings.port, log_level="warning",
             lifespan="off", access_log=False, server_header=False, http="httptools",
+            # well above clients' idle expiry: a client must never reuse a connection just as
+            # the server closes it for being idle (uvicorn's default, 5 s, equals httpx's)
+            timeout_keep_alive=settings.keep_alive_s,
         )
         http = server["http"] = _Server(config)
         task = asyncio.create_task(http.serve(), name="gateway-http")

@@ -35,6 +35,14 @@ from services.core.hotstate import StateKeys
 from services.core.settings import load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
+from services.gateway.deadline import (
+    Deadline,
+    RequestDeadlines,
+    deadline_exceeded,
+    outside_deadline,
+    redis_unavailable,
+    wait_allowance,
+)
 from services.gateway.models import (
     ID_PATTERN,
     ApiKeyBody,
@@ -168,7 +176,9 @@ class Gateway:
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
         try:
-            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 2))
+            # well inside the request deadline, so /readyz answers itself while Redis hangs
+            timeout = min(1.0, self.settings.request_deadline_s / 2)
+            checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), timeout))
         except (RedisError, TimeoutError, OSError):
             checks["redis"] = False
         checks["pipeline"] = self.backlog_measured and not self.overloaded
@@ -273,10 +283,14 @@ class LeanOrders:
         self, app: ASGIApp, *,
         place: Callable[[str | None, Callable[[], Awaitable[bytes]], str | None, str | None], Awaitable[Response]],
         max_body: int,
+        deadline_s: float,
+        retry_after_s: int,
     ) -> None:
         self.app = app
         self.place = place
         self.max_body = max_body
+        self.deadline_s = deadline_s
+        self.retry_after_s = retry_after_s
         self._seconds = HTTP_SECONDS.labels("POST", self.ROUTE)
         self._counts: dict[int, Any] = {}
 
@@ -306,7 +320,8 @@ class LeanOrders:
             chunks: list[bytes] = []
             size = 0
             while True:
-                message = await receive()
+                with outside_deadline():  # a slow upload is not the gateway's time
+                    message = await receive()
                 if message["type"] == "http.disconnect":
                     raise Problem(400, "client_disconnected", "the client went away")
                 chunk = message.get("body", b"")
@@ -324,10 +339,20 @@ class LeanOrders:
                 attributes={"http.request.method": "POST", "url.path": self.ROUTE, "http.route": self.ROUTE},
             )
         with span_cm as span:
+            deadline = Deadline(self.deadline_s + wait_allowance(wait, MAX_WAIT_S))
             try:
-                response = await self.place(authorization, read, wait, durable)
+                async with deadline:
+                    response = await self.place(authorization, read, wait, durable)
             except Problem as exc:
                 response = from_problem(exc)
+            except RedisError:
+                response = from_problem(redis_unavailable(self.ROUTE, self.retry_after_s))
+            except TimeoutError:
+                if not deadline.expired:
+                    log.exception("order submission failed")
+                    response = problem_response(500, "internal_error", "the order could not be submitted")
+                else:
+                    response = from_problem(deadline_exceeded(self.ROUTE, self.deadline_s, self.retry_after_s))
             except Exception:
                 log.exception("order submission failed")
                 response = problem_response(500, "internal_error", "the order could not be submitted")
@@ -383,7 +408,8 @@ _PROBLEM_TEXT = {
     422: "Invalid input; `errors` names each field",
     429: "The pipeline is behind (`backpressure`), or the key is over its order rate (`rate_limited`) or its "
          "open waits (`too_many_waits`); retry after `Retry-After` seconds",
-    503: "A dependency is unavailable",
+    503: "A dependency is unavailable: Redis (`redis_unavailable`, or `deadline_exceeded` when it does not answer "
+         "within the request deadline; with `Retry-After`), the event store or the workflow engine",
 }
 
 
@@ -418,6 +444,11 @@ def _install_openapi(app: FastAPI) -> None:
                     responses["422"] = {"description": _PROBLEM_TEXT[422], **problem}
                 if path.startswith("/v1/"):
                     operation["security"] = [{"bearer": []}]
+                    responses.setdefault("503", {"description": _PROBLEM_TEXT[503], **problem})
+                    responses["503"]["headers"] = {
+                        "Retry-After": {"description": "Seconds to wait (Redis unavailable or too slow)",
+                                        "schema": {"type": "integer"}},
+                    }
         app.openapi_schema = schema
         return schema
 
@@ -454,6 +485,10 @@ def create_app(gw: Gateway) -> FastAPI:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return problem_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RedisError)
+    async def on_redis(request: Request, exc: Exception) -> Response:
+        return from_problem(redis_unavailable(request.url.path, settings.retry_after_s))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: Exception) -> Response:
@@ -761,9 +796,10 @@ def create_app(gw: Gateway) -> FastAPI:
     ) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.READ)
-        store = await gw.store()
         try:
-            stored = await store.events_for_correlation(correlation_id, limit)
+            with outside_deadline():  # the event store has its own timeouts and 503
+                store = await gw.store()
+                stored = await store.events_for_correlation(correlation_id, limit)
         except psycopg.errors.UndefinedTable:
             stored = []  # nothing recorded yet: the recorder creates the table
         except psycopg.Error as exc:
@@ -798,8 +834,14 @@ def create_app(gw: Gateway) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(
+        RequestDeadlines, seconds=settings.request_deadline_s, retry_after_s=settings.retry_after_s, max_wait_s=MAX_WAIT_S
+    )
     app.add_middleware(Observe)
-    app.add_middleware(LeanOrders, place=place_order, max_body=settings.max_body_bytes)
+    app.add_middleware(
+        LeanOrders, place=place_order, max_body=settings.max_body_bytes, deadline_s=settings.request_deadline_s,
+        retry_after_s=settings.retry_after_s,
+    )
     return app
 
 

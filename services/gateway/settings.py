@@ -64,7 +64,21 @@ class GatewaySettings(BaseSettings):
         description="Backlog (lag + pending) of that group over all shards above which new orders get 429.",
     )
     backlog_interval_s: float = Field(0.25, gt=0, le=60, description="How often the backlog is measured.")
-    retry_after_s: int = Field(1, ge=1, le=3600, description="`Retry-After` of a 429 answer, seconds.")
+    retry_after_s: int = Field(
+        1, ge=1, le=3600, description="`Retry-After` of a 429 (backpressure) or 503 (Redis unavailable) answer, seconds."
+    )
+    request_deadline_s: float = Field(
+        2.0, ge=0.1, le=30,
+        description="Longest a request may take on the gateway's own work (Redis), seconds; then it gets 503 "
+        "`deadline_exceeded` with `Retry-After`. Not counted: receiving the body, calls to the workflow engine "
+        "and the event store; `POST /v1/orders?wait=` adds its wait.",
+    )
+    keep_alive_s: int = Field(
+        75, ge=1, le=3600,
+        description="How long an idle HTTP keep-alive connection stays open, seconds. Keep it well above the "
+        "clients' own idle expiry (the Python client's is 2 s), so a client never reuses a connection the gateway "
+        "is closing at that moment.",
+    )
     orders_index_max: int = Field(
         10_000, ge=10, le=1_000_000, description="Newest order ids kept per portfolio in its order index."
     )

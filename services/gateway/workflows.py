@@ -8,6 +8,7 @@ from services.core.bus import Bus
 from services.core.codec import encode
 from services.core.events import Event
 from services.core.hotstate import OrderRecord
+from services.gateway.deadline import outside_deadline
 from services.workflows.client import hatchet_client
 from services.workflows.contracts import PLACE_ORDER, REBALANCE, PlaceOrderInput, RebalanceInput
 from services.workflows.runs import RETENTION_S, RunStore
@@ -42,18 +43,22 @@ class WorkflowDesk:
         existing = await self.run_of_order(record)
         if existing:
             return existing
-        ref = await self._place_order.aio_run_no_wait(
-            PlaceOrderInput(portfolio_id=record.portfolio_id, order_id=record.order_id, event=encode(event).decode(),
-                            faults=faults or {}),
-            additional_metadata={"order_id": record.order_id, "portfolio_id": record.portfolio_id},
-        )
+        with outside_deadline():  # the engine's own timeouts apply; a failure answers 503 "send again"
+            ref = await self._place_order.aio_run_no_wait(
+                PlaceOrderInput(portfolio_id=record.portfolio_id, order_id=record.order_id,
+                                event=encode(event).decode(), faults=faults or {}),
+                additional_metadata={"order_id": record.order_id, "portfolio_id": record.portfolio_id},
+            )
         run_id = str(ref.workflow_run_id)
         await self.runs.queued(run_id, PLACE_ORDER, record.portfolio_id, record.correlation_id)
         await self.bus.redis.set(self._order_run_key(record), run_id, ex=RETENTION_S)
         return run_id
 
     async def start_rebalance(self, request: RebalanceInput) -> str:
-        ref = await self._rebalance.aio_run_no_wait(request, additional_metadata={"portfolio_id": request.portfolio_id})
+        with outside_deadline():
+            ref = await self._rebalance.aio_run_no_wait(
+                request, additional_metadata={"portfolio_id": request.portfolio_id}
+            )
         run_id = str(ref.workflow_run_id)
         await self.runs.queued(run_id, REBALANCE, request.portfolio_id, run_id)
         return run_id
