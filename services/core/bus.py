@@ -83,6 +83,7 @@ __all__ = [
 log = get_logger("zvt.bus")
 
 DATA = b"d"  # the one field of a stream entry: the encoded envelope
+TARGET = b"g"  # only on a requeued dead letter: the one group it is for (the others had the original)
 
 
 class LeaseLost(Exception):
@@ -147,6 +148,7 @@ def default_consumer_name(service: str) -> str:
 
 _COMMIT_LUA = """
 -- ARGV[1] group, ARGV[2] dedupe ttl (ms), ARGV[3] msgpack: a list of per-shard batches
+-- (ARGV[4] the bound of a dead-letter stream, MAXLEN ~)
 --   {seen-prefix, errors-hash, deadletter-stream, records, lease-key or '', owner,
 --    version-key or '', the version the batch's state was read at};
 -- returns {duplicate event ids, leases found lost, version keys found moved}. Each record a list:
@@ -186,7 +188,7 @@ for _, batch in ipairs(cmsgpack.unpack(ARGV[3])) do
         dups[#dups + 1] = r[4]
       end
     elseif kind == 'D' then
-      redis.call('XADD', dlq, '*', unpack(r[4]))
+      redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[4], '*', unpack(r[4]))
     elseif kind == 'F' then
       redis.call('HSET', errors, stream .. '|' .. id, r[4])
       ack = false
@@ -348,6 +350,7 @@ class Bus:
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._tick = redis.register_script(_TICK_LUA)
         self._apply = redis.register_script(_APPLY_LUA)
+        self.group_ages: dict[tuple[str, str], float] = {}
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
     def stream_of(self, event: Event[Any]) -> str:
@@ -468,52 +471,80 @@ class Bus:
         for s in shards:
             entries: Any = await self.redis.xrange(self.keys.deadletter(s), count=count)
             for entry_id, fields in entries:
-                out.append(DeadLetter.from_fields(_s(entry_id), fields))
+                out.append(DeadLetter.from_fields(_s(entry_id), fields, s))
         return out
 
     # -- retention -----------------------------------------------------------------------------
 
     async def trim(self, event_types: Iterable[EventType]) -> int:
-        """Trim each stream behind what every must-persist group has acknowledged, keeping
-        at least ``retention_s`` of history. Never drops an entry such a group still needs.
+        """Trim each stream behind what *every* consumer group on it has acknowledged, keeping
+        at least ``retention_s`` of history. Never drops an entry some group has not
+        acknowledged (pending, or not yet delivered): retention is a floor, never a reason to
+        cut. A stream missing one of ``must_persist_groups`` is not trimmed at all.
+
+        Also measures, for every group, the age of the oldest entry it has not acknowledged
+        (``group_ages`` afterwards: (event type, group) -> seconds, the maximum over shards).
 
         Safe to run from many processes at once: what a group has acknowledged only grows.
         """
         must = set(self.settings.must_persist_groups)
-        retention_cut = max(0, int(time.time() * 1000) - self.settings.retention_s * 1000)
+        now_ms = int(time.time() * 1000)
+        retention_cut = (max(0, now_ms - self.settings.retention_s * 1000), 0)
+        ages: dict[tuple[str, str], float] = {}
         trimmed = 0
         for event_type in event_types:
             for shard in range(self.keys.shards):
                 key = self.keys.stream(shard, event_type)
-                cut = await self._safe_cut(key, must)
-                if cut is None:
-                    continue
-                minid = min(cut, (retention_cut, 0))
+                positions = await self._group_positions(key)
+                if positions is None:
+                    continue  # no stream
+                for group, (_, oldest) in positions.items():
+                    age = 0.0 if oldest is None else max(0.0, (now_ms - oldest[0]) / 1000)
+                    label = (str(event_type), group)
+                    ages[label] = max(ages.get(label, 0.0), age)
+                if not must.issubset(positions):
+                    continue  # a must-persist group has not even started reading: keep everything
+                minid = min([retention_cut, *(cut for cut, _ in positions.values())])
                 if minid <= (0, 0):
                     continue
                 trimmed += int(await self.redis.xtrim(key, minid=f"{minid[0]}-{minid[1]}", approximate=False))
+        self.group_ages = ages
         return trimmed
 
-    async def _safe_cut(self, key: str, must: set[str]) -> tuple[int, int] | None:
-        """The smallest entry id some must-persist group still needs; None: trim nothing."""
+    async def _group_positions(
+        self, key: str
+    ) -> dict[str, tuple[tuple[int, int], tuple[int, int] | None]] | None:
+        """For each group on stream ``key``: the smallest entry id it may still need (nothing
+        below it may be trimmed), and the id of the oldest entry it has not acknowledged (None
+        when it has everything). None: no such stream."""
         try:
             infos = await self.redis.xinfo_groups(key)
         except ResponseError:
-            return None  # no stream
-        groups = {_s(info["name"]): info for info in infos}
-        if not must.issubset(groups):
-            return None  # a must-persist group has not even started reading: keep everything
-        cut = (2**64 - 1, 2**64 - 1)
-        for name in must:
-            info = groups[name]
+            return None
+        out: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] = {}
+        for info in infos:
+            name = _s(info["name"])
+            last = _parse_id(_s(info["last-delivered-id"]))
+            after_last = (last[0], last[1] + 1)
+            undelivered: tuple[int, int] | None = None
+            lag = info.get("lag")
+            if lag is None or int(lag) > 0:  # None: Redis cannot tell (entries were deleted)
+                first: Any = await self.redis.xrange(key, min=f"({last[0]}-{last[1]}", count=1)
+                if first:
+                    undelivered = _parse_id(_s(first[0][0]))
             if int(info["pending"]) > 0:
                 summary = await self.redis.xpending(key, name)
-                oldest = _parse_id(_s(summary["min"]))
+                oldest_pending = _parse_id(_s(summary["min"]))
+                out[name] = (min(oldest_pending, after_last), oldest_pending)
             else:
-                last = _parse_id(_s(info["last-delivered-id"]))
-                oldest = (last[0], last[1] + 1)
-            cut = min(cut, oldest)
-        return cut
+                out[name] = (after_last, undelivered)
+        return out
+
+    async def deadletter_lengths(self) -> dict[int, int]:
+        """Entries in each shard's dead-letter stream."""
+        shards = list(range(self.keys.shards))
+        lengths = await _gather_bounded([self.redis.xlen(self.keys.deadletter(s)) for s in shards])
+        return {s: int(n) for s, n in zip(shards, lengths, strict=True)}
 
 
 def with_trace(event: Event[Any]) -> Event[Any]:
@@ -579,6 +610,7 @@ class _Entry:
     entry_id: str
     data: bytes | None
     deliveries: int
+    target: str | None = None  # a requeued entry is for this group only (field ``g``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,9 +626,18 @@ class DeadLetter:
     deliveries: int
     consumer: str
     data: bytes
+    event_id: str = ""
+    dead_lettered_at: int = 0
+    """Milliseconds since the epoch (the dead-letter entry's id)."""
+    shard: int = 0
+
+    @property
+    def ref(self) -> str:
+        """How tools name it: ``<shard>/<id in the shard's dead-letter stream>``."""
+        return f"{self.shard}/{self.id}"
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes]) -> DeadLetter:
+    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes], shard: int = 0) -> DeadLetter:
         return cls(
             id=entry_id,
             stream=_s(fields[b"stream"]),
@@ -607,6 +648,9 @@ class DeadLetter:
             deliveries=int(fields[b"deliveries"]),
             consumer=_s(fields[b"consumer"]),
             data=fields.get(b"data", b""),
+            event_id=_s(fields.get(b"event_id", b"")),
+            dead_lettered_at=_parse_id(entry_id)[0],
+            shard=shard,
         )
 
 
@@ -832,7 +876,10 @@ class Consumer:
             stream = _s(key)
             shard, event_type = streams[stream]
             for eid, fields in items:
-                entries.append(_Entry(shard, stream, event_type, eid.decode(), _data(fields), 1))
+                entry = _Entry(shard, stream, event_type, eid.decode(), _data(fields), 1)
+                if fields and len(fields) > 2:
+                    entry.target = _target(fields)
+                entries.append(entry)
         await self._process(entries)
 
     def _guard(self, shard: int) -> asyncio.Lock:
@@ -953,6 +1000,11 @@ class Consumer:
                 recs = records[entry.shard] = []
             if entry.deliveries > 1:
                 recs.append(("X", entry.stream, entry.entry_id))
+            if entry.target is not None and entry.target != self.group:
+                # requeued from the dead letters of another group: this one had the original
+                recs.append(("A", entry.stream, entry.entry_id))
+                out.add(entry.event_type, "skipped")
+                continue
             if entry.data is None:
                 recs.append(self._dead(out, entry, "malformed", "entry has no 'd' field"))
                 continue
@@ -1111,7 +1163,8 @@ class Consumer:
             return [], set()
         route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
         dups, lost, moved = await self.bus._commit(
-            keys=[route], args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches)]
+            keys=[route],
+            args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches), self._settings.deadletter_maxlen],
         )
         if lost:
             raise LeaseLost(sorted(s for s in records if self._headers[s][3].encode() in lost))
@@ -1209,27 +1262,55 @@ class Consumer:
         self, shard: int, stream: str, event_type: EventType, pending: list[Any], min_idle: int
     ) -> int:
         """Claim these pending entries for this consumer and handle them; dead-letter those
-        already delivered ``max_deliveries`` times. Returns how many were claimed."""
+        already delivered ``max_deliveries`` times, and those whose data is gone (deleted from
+        the stream while pending: an XTRIM or XDEL by hand). Returns how many were claimed.
+
+        XAUTOCLAIM over the listed range names the entries it found deleted (and drops them
+        from the pending list) to exactly one caller, so each is dead-lettered once."""
         deliveries = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        claimed: Any = await self.bus.redis.xclaim(
-            stream, self.group, self.name, min_idle_time=min_idle, message_ids=list(deliveries)
+        reply: Any = await self.bus.redis.xautoclaim(
+            stream, self.group, self.name, min_idle_time=min_idle, start_id=next(iter(deliveries)),
+            count=len(deliveries),
         )
+        claimed: list[Any] = reply[1]
+        deleted = [_s(eid) for eid in (reply[2] if len(reply) > 2 else [])]
         limit = self._settings.max_deliveries
         entries: list[_Entry] = []
         exhausted: list[_Entry] = []
         for eid, fields in claimed:
             entry_id = _s(eid)
-            if fields is None:
-                continue  # trimmed away; XCLAIM dropped it from the pending list
+            fields = fields or {}
             entry = _Entry(shard, stream, event_type, entry_id, fields.get(DATA), deliveries.get(entry_id, 0) + 1)
+            if TARGET in fields:
+                entry.target = _s(fields[TARGET])
             (exhausted if entry.deliveries > limit else entries).append(entry)
         if claimed:
             BUS_RECLAIMED.labels(event_type, self.group).inc(len(claimed))
+        if deleted:
+            await self._dead_letter_deleted(shard, stream, event_type, deleted, deliveries)
         if exhausted:
             await self._dead_letter_exhausted(shard, exhausted)
         if entries:
             await self._process(entries)
-        return len(claimed)
+        return len(claimed) + len(deleted)
+
+    async def _dead_letter_deleted(
+        self, shard: int, stream: str, event_type: EventType, entry_ids: list[str], deliveries: dict[str, int]
+    ) -> None:
+        """Pending entries whose data was deleted from the stream: nothing to handle, and never
+        skipped silently; each becomes a dead letter (without data) saying so, and is counted."""
+        out = _Outcome()
+        entries = [_Entry(shard, stream, event_type, eid, None, deliveries.get(eid, 0)) for eid in entry_ids]
+        records: list[Any] = []
+        for entry in entries:
+            records.append(("X", entry.stream, entry.entry_id))
+            records.append(self._dead(
+                out, entry, "deleted_while_pending",
+                f"entry {entry.entry_id} was deleted from {stream} (trimmed or XDEL) while pending for group "
+                f"{self.group}; its data is lost: find the event in the event store",
+            ))
+        await self._commit({shard: records}, {})
+        self._observe(entries, out, 0.0)
 
     async def _dead_letter_exhausted(self, shard: int, entries: list[_Entry]) -> None:
         errors_key = self._keys.errors(shard, self.group)
@@ -1494,6 +1575,14 @@ def _data(fields: list[bytes] | None) -> bytes | None:
         for i in range(0, len(fields) - 1, 2):
             if fields[i] == DATA:
                 return fields[i + 1]
+    return None
+
+
+def _target(fields: list[bytes]) -> str | None:
+    """The ``g`` field of a raw entry (a requeued dead letter's group), or None."""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == TARGET:
+            return _s(fields[i + 1])
     return None
 
 

@@ -36,7 +36,14 @@ from services.core.bus import Batch, Bus, Commit, Consumer, Handler
 from services.core.events import Event, EventType, Route
 from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
-from services.core.telemetry import get_logger, setup_logging, setup_tracing
+from services.core.telemetry import (
+    BUS_DEADLETTER_ENTRIES,
+    BUS_DEADLETTER_MAX_ENTRIES,
+    BUS_GROUP_OLDEST_UNACKED_AGE,
+    get_logger,
+    setup_logging,
+    setup_tracing,
+)
 
 __all__ = ["ReadinessCheck", "Service", "check_no_arguments", "main", "tune_gc"]
 
@@ -215,12 +222,17 @@ class Service:
         interval = self.bus_settings.trim_interval_s
         lock = self.bus.keys.global_key("trim-lock")
         types = list(EventType)
+        BUS_DEADLETTER_MAX_ENTRIES.set(self.bus_settings.deadletter_maxlen)
         while not await self.sleep(interval):
             try:
                 if await self.redis.set(lock, self.name, nx=True, px=int(interval * 1000)):
                     trimmed = await self.bus.trim(types)
                     if trimmed:
                         log.info("streams trimmed", entries=trimmed)
+                    lengths = await self.bus.deadletter_lengths()
+                    _export_bus_upkeep(self.bus.group_ages, lengths)
+                else:
+                    _export_bus_upkeep({}, {})  # another process measures this round
             except RedisError as exc:
                 log.warning("trim failed", error=str(exc))
 
@@ -271,6 +283,17 @@ class Service:
                 raise RuntimeError("HTTP endpoint did not start")
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+
+def _export_bus_upkeep(ages: Mapping[tuple[str, str], float], deadletters: Mapping[int, int]) -> None:
+    """The trim pass's measurements as gauges; empty: this process did not run the pass, and
+    exports none (so that every series comes from the one process that measured it last)."""
+    BUS_GROUP_OLDEST_UNACKED_AGE.clear()
+    for (stream, group), age in ages.items():
+        BUS_GROUP_OLDEST_UNACKED_AGE.labels(stream, group).set(age)
+    BUS_DEADLETTER_ENTRIES.clear()
+    for shard, length in deadletters.items():
+        BUS_DEADLETTER_ENTRIES.labels(str(shard)).set(length)
 
 
 def main(name: str, build: Callable[[Service], Any], description: str = "") -> None:

@@ -183,11 +183,23 @@ class BusSettings(BaseSettings):
         "batch); duplicates are always dropped at commit.",
     )
     retention_s: int = Field(
-        3_600, ge=0, le=90 * 86_400, description="Entries younger than this are kept even once persisted."
+        3_600,
+        ge=0,
+        le=90 * 86_400,
+        description="Entries younger than this are kept even once every group has them: a floor, never a "
+        "reason to cut (nothing a group has not acknowledged is ever trimmed).",
     )
     must_persist_groups: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["recorder"],
-        description="Comma-separated groups whose unacknowledged entries are never trimmed.",
+        description="Comma-separated groups that must exist on a stream before it is trimmed at all (every "
+        "group on a stream, these or not, holds the trim behind what it has not acknowledged).",
+    )
+    deadletter_maxlen: int = Field(
+        10_000,
+        ge=100,
+        le=10_000_000,
+        description="Bound of each shard's dead-letter stream (`XADD MAXLEN ~`: about this many, the oldest "
+        "dropped beyond it); alerted on at 80%.",
     )
     trim_interval_s: float = Field(30.0, ge=0, le=86_400, description="How often streams are trimmed; 0 turns it off.")
     lease_ttl_ms: int = Field(

@@ -38,6 +38,9 @@ __all__ = [
     "BUS_BATCH_SECONDS",
     "BUS_BATCH_SIZE",
     "BUS_DEAD_LETTERED",
+    "BUS_DEADLETTER_ENTRIES",
+    "BUS_DEADLETTER_MAX_ENTRIES",
+    "BUS_GROUP_OLDEST_UNACKED_AGE",
     "BUS_DELIVERY_LATENCY",
     "BUS_LAG",
     "BUS_MESSAGES",
@@ -92,6 +95,21 @@ BUS_PAUSED = Gauge(
 )
 BUS_LAG = Gauge("zvt_bus_lag", "Entries not yet delivered to the group", ["stream", "group", "shard"])
 BUS_PENDING = Gauge("zvt_bus_pending", "Entries delivered to the group and not yet acknowledged", ["stream", "group", "shard"])
+# Measured by the trim pass (one process of the fleet at a time, for every group on every
+# stream, including groups whose own consumers are stopped or frozen); the other processes
+# export none of these series.
+BUS_GROUP_OLDEST_UNACKED_AGE = Gauge(
+    "zvt_bus_group_oldest_unacked_age_seconds",
+    "Age of the oldest entry the group has not acknowledged (pending or not yet delivered), over the "
+    "stream's shards; 0 when it has everything. Trimming waits for it.",
+    ["stream", "group"],
+)
+BUS_DEADLETTER_ENTRIES = Gauge(
+    "zvt_bus_deadletter_entries", "Entries in a shard's dead-letter stream now", ["shard"]
+)
+BUS_DEADLETTER_MAX_ENTRIES = Gauge(
+    "zvt_bus_deadletter_max_entries", "Bound of each dead-letter stream (ZVT_BUS_DEADLETTER_MAXLEN)"
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,3 +312,69 @@ async def test_batch_handler_when_registered_for_two_types_gets_them_in_one_call
 
 async def _hlen(redis: AnyRedis, key: str, n: int) -> bool:
     return int(await redis.hlen(key)) >= n
+
+
+async def test_trim_when_a_group_that_is_not_must_persist_lags_keeps_what_it_has_not_read(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    """Retention is a floor, never a reason to cut: every group on a stream holds the trim,
+    not only the must-persist ones."""
+    bus = Bus(redis, bus_settings(shards=1, retention_s=0, must_persist_groups="recorder"))
+    stream = bus.keys.stream(0, EventType.ORDER_REQUESTED)
+    ids = await bus.publish_many([order(i) for i in range(50)])
+    await bus.ensure_group("recorder", [EventType.ORDER_REQUESTED])
+    await bus.ensure_group("portfolio", [EventType.ORDER_REQUESTED])
+    await redis.xreadgroup("recorder", "r1", {stream: ">"}, count=50)
+    await redis.xack(stream, "recorder", *ids)  # the recorder has everything
+    await redis.xreadgroup("portfolio", "p1", {stream: ">"}, count=20)  # read 20, ack 5
+    await redis.xack(stream, "portfolio", *ids[:5])
+
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 5
+    assert [eid for eid, _ in await redis.xrange(stream)] == ids[5:]
+
+    await redis.xack(stream, "portfolio", *ids[5:20])
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 15
+    assert [eid for eid, _ in await redis.xrange(stream)] == ids[20:]  # never delivered to portfolio yet
+
+    # a group that has not read anything at all holds everything
+    await redis.xreadgroup("portfolio", "p1", {stream: ">"}, count=30)
+    await redis.xack(stream, "portfolio", *ids[20:])
+    await bus.ensure_group("notifications", [EventType.ORDER_REQUESTED], start_id="0")
+    assert await bus.trim([EventType.ORDER_REQUESTED]) == 0
+    assert await redis.xlen(stream) == 30
+
+
+async def test_reclaim_when_pending_entry_was_deleted_dead_letters_it_with_a_reason_and_counts_it(
+    redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    """An entry pending for a group whose data is gone (trimmed or XDEL'd by hand) is never
+    skipped silently: it becomes a dead letter saying why, and is counted."""
+    bus = Bus(redis, bus_settings(shards=1))
+    stream = bus.keys.stream(0, EventType.ORDER_REQUESTED)
+    events = [order(i) for i in range(6)]
+    ids = await bus.publish_many(events)
+    await bus.ensure_group("echo", [EventType.ORDER_REQUESTED])
+    await redis.xreadgroup("echo", "died-1", {stream: ">"}, count=6)  # a consumer that died holding them
+    await redis.xdel(stream, ids[1], ids[4])
+    before = _dead_lettered("echo", "deleted_while_pending")
+
+    handler = Recorder()
+    consumer = Consumer(bus, "echo", {EventType.ORDER_REQUESTED: handler})
+    await run_until(consumer, lambda: _dead_count(bus, 0, 2))
+
+    letters = await bus.dead_letters(0)
+    assert sorted(d.entry_id for d in letters) == sorted(i.decode() for i in (ids[1], ids[4]))
+    assert {d.reason for d in letters} == {"deleted_while_pending"}
+    assert all(d.group == "echo" and d.stream == stream and "deleted" in d.error for d in letters)
+    assert sorted(handler.seen) == sorted(e.event_id for i, e in enumerate(events) if i not in (1, 4))
+    assert await bus.backlog("echo", [EventType.ORDER_REQUESTED]) == 0
+    assert _dead_lettered("echo", "deleted_while_pending") - before == 2
+
+
+def _dead_lettered(group: str, reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "zvt_bus_dead_lettered_total", {"stream": "order.requested", "group": group, "reason": reason}
+    )
+    return value or 0.0

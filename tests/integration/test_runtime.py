@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -118,6 +119,39 @@ async def test_trace_when_event_flows_through_a_stage_continues_under_one_trace_
     assert seen_logs[0]["trace_id"] == f"{gateway.trace_id:032x}"
     assert seen_logs[0]["span_id"] == f"{span.context.span_id:016x}"
     assert seen_logs[0]["correlation_id"] == source.correlation_id
+
+
+async def test_service_when_a_group_stalls_keeps_its_entries_and_exports_their_age(
+    target: Target, redis: AnyRedis, bus_settings: Callable[..., BusSettings]
+) -> None:
+    """The trim pass holds for a group that reads nothing (a frozen or dead service) and
+    exports how old its oldest unacknowledged entry is, with the dead-letter streams' length."""
+    settings = bus_settings(trim_interval_s=0.2, retention_s=0, must_persist_groups="echo", deadletter_maxlen=500)
+    bus = Bus(redis, settings)
+    await bus.ensure_group("stalled", [EventType.ORDER_REQUESTED])
+    service = Service("echo", core=target.core(http_port=0, log_level="WARNING"), bus=settings)
+    build(service)
+    running = asyncio.create_task(service.run())
+    try:
+        await eventually(lambda: bool(service.consumers and service.consumers[0].healthy), timeout=20)
+        await bus.publish_many([order(i) for i in range(30)])
+
+        def sample(name: str, labels: dict[str, str]) -> float | None:
+            return REGISTRY.get_sample_value(name, labels)
+
+        async def measured() -> bool:
+            age = sample("zvt_bus_group_oldest_unacked_age_seconds", {"stream": "order.requested", "group": "stalled"})
+            return len(await handled_counts(redis, bus)) == 30 and age is not None and age > 0.5
+
+        await eventually(measured, timeout=20)
+        # echo has everything, stalled nothing: nothing trimmed
+        assert sum([await redis.xlen(bus.keys.stream(s, EventType.ORDER_REQUESTED)) for s in range(bus.keys.shards)]) == 30
+        assert sample("zvt_bus_group_oldest_unacked_age_seconds", {"stream": "order.requested", "group": "echo"}) == 0
+        assert sample("zvt_bus_deadletter_entries", {"shard": "0"}) == 0
+        assert sample("zvt_bus_deadletter_max_entries", {}) == 500
+    finally:
+        service.stop()
+        assert await asyncio.wait_for(running, 15) == 0
 
 
 async def test_service_when_trimming_is_on_trims_streams_behind_the_must_persist_group(

@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 ALERTS = {
     "ZvtConsumerLagGrowing", "ZvtDeadLetters", "ZvtConsumerErrorRate", "ZvtGatewayErrorRate",
     "ZvtOrderLatencySLOBurnFast", "ZvtOrderLatencySLOBurnSlow", "ZvtRecorderFallingBehind",
+    "ZvtConsumerGroupStalled", "ZvtDeadLetterStreamFilling",
 }
 
 
@@ -39,7 +40,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_rules_when_checked_by_promtool_load(rules_dir: Path) -> None:
     proc = promtool("check", "rules", "rules.yaml", cwd=rules_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 11 rules found" in proc.stdout, proc.stdout
+    assert "SUCCESS: 13 rules found" in proc.stdout, proc.stdout
 
 
 def test_rules_when_rendered_have_every_alert_with_a_runbook_section(rules_dir: Path) -> None:
