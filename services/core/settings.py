@@ -245,6 +245,7 @@ def _type_name(annotation: Any) -> str:
 # Modules whose import registers settings models; the table documents all of them.
 DOCUMENTED_MODULES = (
     "services.core.runtime",
+    "services.order.settings",
     "services.recorder.settings",
     "services.risk.settings",
     "services.routing.settings",

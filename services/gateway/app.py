@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core.bus import Bus
 from services.core.events import EventType
-from services.core.hotstate import StateKeys
+from services.core.hotstate import OrderRecord, StateKeys
 from services.core.settings import load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
@@ -106,7 +106,7 @@ class Gateway:
             bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s, cache_size=settings.key_cache_size,
             bad_key_ttl_s=settings.bad_key_cache_ttl_s,
         )
-        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s)
+        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s, archive=self.store)
         self.order_rate = OrderRate(bus.redis, bus.keys, settings.key_order_rate, settings.key_order_window_s)
         self.wait_cap = WaitCap(settings.key_max_waits, settings.retry_after_s)
         self.portfolios = Portfolios(bus)
@@ -570,7 +570,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 headers["X-Workflow-Run-Id"] = await start_durable(submitted)
             if wait is not None:
                 key = gw.desk.record_key(record.order_id)
-                if key is not None:
+                if key is not None and not record.is_terminal:
                     record = await gw.waiters.wait(record.order_id, key, wait) or record
                 done = record.is_terminal or not submitted.created
                 return json_response(order_view(record), 200 if done else 202, headers)
@@ -608,20 +608,23 @@ def create_app(gw: Gateway) -> FastAPI:
                 "send the same request again",
             ) from exc
 
-    async def visible_order(caller: Principal, order_id: str) -> Any:
-        record = await gw.desk.get(order_id)
+    async def visible_order(caller: Principal, order_id: str) -> tuple[OrderRecord, bool]:
+        """The order (live, or rebuilt from the event store once it left Redis) and whether
+        it is live; 404 when neither has it or the key does not grant its portfolio."""
+        record, live = await gw.desk.find(order_id)
         if record is None or not caller.grants(record.portfolio_id):
             raise Problem(404, "order_not_found", f"no order {order_id}")
-        return record
+        return record, live
 
     @app.get(
-        "/v1/orders/{order_id}", summary="An order", tags=["orders"],
-        responses={200: _ok("The order", "OrderView"), **_problems(404)},
+        "/v1/orders/{order_id}", summary="An order (from the event store once it has left Redis)", tags=["orders"],
+        responses={200: _ok("The order", "OrderView"), **_problems(404, 503)},
     )
     async def get_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.READ)
-        return json_response(order_view(await visible_order(caller, order_id)))
+        record, _ = await visible_order(caller, order_id)
+        return json_response(order_view(record))
 
     @app.delete(
         "/v1/orders/{order_id}", status_code=202, summary="Cancel an order", tags=["orders"],
@@ -630,8 +633,8 @@ def create_app(gw: Gateway) -> FastAPI:
     async def cancel_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.TRADE)
-        record = await visible_order(caller, order_id)
-        if record.is_terminal:
+        record, live = await visible_order(caller, order_id)
+        if record.is_terminal or not live:  # only a finished order leaves Redis
             raise Problem(409, "order_terminal", f"order {order_id} is already {record.status}")
         await gw.desk.request_cancel(record, caller.key_id)
         return json_response(order_view(record), 202)

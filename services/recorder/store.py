@@ -237,6 +237,23 @@ class EventStore:
         """The events of one order (of this store's namespace), in stored order."""
         return await self._select("namespace = %s AND order_id = %s", (self.namespace, order_id), limit)
 
+    async def events_for_orders(self, order_ids: Sequence[str], limit: int = 100_000) -> list[StoredEvent]:
+        """The events of several orders (of this store's namespace), in stored order."""
+        if not order_ids:
+            return []
+        return await self._select("namespace = %s AND order_id = ANY(%s)", (self.namespace, list(order_ids)), limit)
+
+    async def requests_of_portfolio(self, portfolio_id: str, before_seq: int | None = None, limit: int = 500
+                                    ) -> list[StoredEvent]:
+        """A portfolio's ``order.requested`` events (of this store's namespace), newest first,
+        from before ``before_seq`` on: the orders the API lists once Redis has let them go."""
+        where = "namespace = %s AND portfolio_id = %s AND event_type = 'order.requested'"
+        params: tuple[Any, ...] = (self.namespace, portfolio_id)
+        if before_seq is not None:
+            where += " AND seq < %s"
+            params = (*params, before_seq)
+        return await self._select(where, params, limit, descending=True)
+
     async def events_for_portfolio(self, portfolio_id: str, after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
         """A portfolio's events (of this store's namespace) in stored order, from ``after_seq`` on."""
         return await self._select(
@@ -257,10 +274,12 @@ class EventStore:
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 
-    async def _select(self, where: str, params: tuple[Any, ...], limit: int) -> list[StoredEvent]:
+    async def _select(self, where: str, params: tuple[Any, ...], limit: int, *, descending: bool = False
+                      ) -> list[StoredEvent]:
+        order = "seq DESC" if descending else "seq"
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM zvt_events WHERE {where} ORDER BY seq LIMIT %s", (*params, limit)
+                f"SELECT {_COLUMNS} FROM zvt_events WHERE {where} ORDER BY {order} LIMIT %s", (*params, limit)
             )
             rows = await cur.fetchall()
         return [StoredEvent(seq=row[0], recorded_at=row[2], event=decode_any(row[3].encode())) for row in rows]
