@@ -220,6 +220,23 @@ class BusSettings(BaseSettings):
         "a third of `ZVT_BUS_LEASE_TTL_MS`.",
     )
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="How often consumer-group lag is measured.")
+    wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Replicas that must confirm a write the platform makes a promise on (`WAIT`) before it goes "
+        "on: the gateway's order submission before it answers 202, routing's route intent before it calls a "
+        "venue. Fewer within `ZVT_BUS_WAIT_TIMEOUT_MS`: the gateway answers 503 `not_replicated` (retry with the "
+        "same `client_order_id`), routing holds the batch and retries. 0: off (a single Redis has no replicas); "
+        "the chart sets 1. At most the replicas of each master, or every such write fails.",
+    )
+    wait_timeout_ms: int = Field(
+        250,
+        ge=1,
+        le=10_000,
+        description="How long such a write waits for `ZVT_BUS_WAIT_REPLICAS` replicas, milliseconds; keep it well "
+        "below `ZVT_GATEWAY_REQUEST_DEADLINE_S`.",
+    )
 
     @field_validator("must_persist_groups", mode="before")
     @classmethod

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.core.bus import Bus
 from services.core.events import EventType
 from services.core.hotstate import OrderRecord, StateKeys
+from services.core.replication import NotReplicated
 from services.core.settings import load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
@@ -40,6 +41,7 @@ from services.gateway.deadline import (
     RequestDeadlines,
     deadline_exceeded,
     outside_deadline,
+    not_replicated,
     redis_unavailable,
     wait_allowance,
 )
@@ -409,7 +411,8 @@ _PROBLEM_TEXT = {
     429: "The pipeline is behind (`backpressure`), or the key is over its order rate (`rate_limited`) or its "
          "open waits (`too_many_waits`); retry after `Retry-After` seconds",
     503: "A dependency is unavailable: Redis (`redis_unavailable`, or `deadline_exceeded` when it does not answer "
-         "within the request deadline; with `Retry-After`), the event store or the workflow engine",
+         "within the request deadline, or `not_replicated` when too few Redis replicas confirmed an order in time; "
+         "with `Retry-After`), the event store or the workflow engine",
 }
 
 
@@ -563,7 +566,10 @@ def create_app(gw: Gateway) -> FastAPI:
             gw.wait_cap.take(caller.key_id)  # 429 too_many_waits: nothing submitted
         try:
             await gw.order_rate.check(caller.key_id)  # 429 rate_limited: one round trip
-            submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
+            try:
+                submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
+            except NotReplicated as exc:
+                raise not_replicated(exc, settings.retry_after_s) from None
             record = submitted.record
             headers: dict[str, str] = {}
             if durable:

@@ -30,6 +30,7 @@ from services.core.events import (
     utcnow,
 )
 from services.core.redisconn import ScriptBatcher
+from services.core.replication import ReplicaWait, ReplicatedScriptBatcher
 from services.core.telemetry import get_logger
 from services.core.hotstate import (
     OrderRecord,
@@ -59,11 +60,17 @@ __all__ = ["OrderDesk", "Submitted", "order_view"]
 
 _SUBMIT_LUA = """
 -- KEYS: portfolio, coid, order, orders index, order.requested stream (one slot)
--- ARGV: order id, record, score (ms), event, index size, coid ttl (s), order key prefix
+-- ARGV: order id, record, score (ms), event, index size, coid ttl (s), order key prefix,
+--       touch ('1': a replayed order rewrites its coid's TTL unchanged, so that the WAIT
+--       after this script also covers the original write, whenever it was made)
 -- returns {0}: no such portfolio; {1}: accepted; {2, existing order id, its record}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local existing = redis.call('GET', KEYS[2])
 if existing then
+  if ARGV[8] == '1' then
+    local ttl = redis.call('PTTL', KEYS[2])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
   return {2, existing, redis.call('GET', ARGV[7] .. existing) or ''}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[6])
@@ -125,8 +132,15 @@ class OrderDesk:
         self.state = StateKeys(bus.keys)
         self.index_max = index_max
         self.coid_ttl_s = coid_ttl_s
-        # Concurrent submissions share round trips (one pipeline per batch).
-        self._submit = ScriptBatcher(bus.redis, _SUBMIT_LUA)
+        # Concurrent submissions share round trips (one pipeline per batch). With
+        # ZVT_BUS_WAIT_REPLICAS each round trip ends with WAIT on the same connection(s): an
+        # order is reported accepted only once that many replicas have it.
+        self.replica_wait = ReplicaWait.of(bus.settings)
+        self._submit: ScriptBatcher = (
+            ReplicatedScriptBatcher(bus.redis, _SUBMIT_LUA, self.replica_wait)
+            if self.replica_wait is not None
+            else ScriptBatcher(bus.redis, _SUBMIT_LUA)
+        )
 
     @staticmethod
     def validate(body: OrderBody) -> tuple[Decimal, Decimal | None]:
@@ -145,7 +159,10 @@ class OrderDesk:
         self, body: OrderBody, quantity: Decimal, price: Decimal | None, requested_by: str, *, durable: bool = False
     ) -> Submitted:
         """Accept the order (or find the one submitted before with its ``client_order_id``).
-        ``durable``: the order is for a ``trading.place_order`` run (route ``workflow``)."""
+        ``durable``: the order is for a ``trading.place_order`` run (route ``workflow``).
+
+        Raises ``NotReplicated`` (with ``ZVT_BUS_WAIT_REPLICAS``) when too few replicas confirmed
+        the write in time: the order may exist, and the same request again finds it."""
         keys = self.keys
         p = body.portfolio_id
         shard = keys.shard_of(p)
@@ -168,7 +185,7 @@ class OrderDesk:
             ],
             [
                 order_id, dump(record), int(now.timestamp() * 1000), encode(with_trace(event)), self.index_max,
-                self.coid_ttl_s, state(shard, "order", ""),
+                self.coid_ttl_s, state(shard, "order", ""), "1" if self.replica_wait is not None else "0",
             ],
         )
         outcome = int(reply[0])

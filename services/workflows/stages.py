@@ -9,6 +9,7 @@ from services.core.bus import Bus, Commit
 from services.core.events import Event
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
+from services.core.replication import ReplicaWait
 from services.order.settings import OrderSettings
 from services.order.stage import OrderStage
 from services.portfolio.stage import PortfolioStage
@@ -40,7 +41,7 @@ class Stages:
         self.order = OrderStage(redis, sk, terminal_retention_s=orders.terminal_retention_s)
         self.portfolio = PortfolioStage(redis, sk, fill_memory_s=orders.fill_memory_s)
         self.venues = list(venues)
-        self.routing = RoutingStage(redis, sk, marks, self.venues)
+        self.routing = RoutingStage(redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings))
 
     async def start(self) -> None:
         await self.routing.start()

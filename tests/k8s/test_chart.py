@@ -233,6 +233,23 @@ def test_secrets_when_rendered_are_only_references(rendered: Rendered) -> None:
     assert not [k for k in config if SECRET_ENV.match(k)]
 
 
+def test_config_when_rendered_waits_for_a_replica_and_is_valid_bus_settings(rendered: Rendered) -> None:
+    """A fleet on a Redis Cluster (with a replica per master) has an accepted order (and a route
+    intent) on a replica before the gateway answers 202 (docs/operations.md); the single-Redis
+    install without replicas turns it off."""
+    from services.core.replication import ReplicaWait
+    from services.core.settings import BusSettings
+
+    config = rendered.named("ConfigMap", "zvt-zvt-fleet-config")["data"]
+    settings = BusSettings(**{k[len("ZVT_BUS_"):].lower(): v for k, v in config.items() if k.startswith("ZVT_BUS_")})
+    wait = ReplicaWait.of(settings)
+    if config["ZVT_REDIS_CLUSTER"] == "true":
+        assert wait is not None and wait.replicas >= 1
+        assert wait.timeout_ms == int(config["ZVT_BUS_WAIT_TIMEOUT_MS"])
+    else:
+        assert wait is None
+
+
 def test_selectors_when_rendered_match_the_pods_they_are_for(rendered: Rendered) -> None:
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in rendered.of_kind("Deployment")]
 
@@ -292,6 +309,8 @@ def test_dashboard_when_rendered_is_json_with_queries(rendered: Rendered) -> Non
     (["--set", "services.risk.secretEnv.ZVT_X=nope"], '"nope" is not an entry of secrets'),
     (["--set", "services.order.autoscaling.trigger=queue"], "at '/services/order/autoscaling/trigger'"),
     (["--set", "services.risk.replicaz=3"], "additional properties 'replicaz' not allowed"),
+    (["--set", "bus.waitReplicas=-1"], "at '/bus/waitReplicas'"),
+    (["--set", "bus.waitTimeoutMs=0"], "at '/bus/waitTimeoutMs'"),
 ])
 def test_template_when_values_are_wrong_fails_naming_the_problem(helm: Path, flags: list[str], message: str) -> None:
     proc = render(helm, "default", *flags)
