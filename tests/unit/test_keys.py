@@ -53,6 +53,7 @@ BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resting": ("resting", ("portfolio_id",)),
     "applied_fills": ("applied", ("order_id",)),
     "cancel": ("cancel", ("order_id",)),
+    "open_orders": ("open-orders", ()),
     "marks": ("marks", ()),
     "api_key": ("apikey", ("secret_hash",)),
     "api_key_index": ("apikeys", ()),
