@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -33,7 +33,7 @@ from services.core.bus import Bus
 from services.core.events import EventType
 from services.core.hotstate import OrderRecord, StateKeys
 from services.core.replication import NotReplicated
-from services.core.settings import load
+from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
 from services.gateway.deadline import (
@@ -100,8 +100,12 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 class Gateway:
     """What the API's routes share, and its background tasks."""
 
-    def __init__(self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None) -> None:
+    def __init__(
+        self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None,
+        postgres: PostgresSettings | None = None,
+    ) -> None:
         self.bus = bus
+        self.postgres = postgres or load(PostgresSettings)
         self.redis = bus.redis
         self.settings = settings
         self.api_keys = ApiKeys(
@@ -168,7 +172,7 @@ class Gateway:
                     try:
                         self._store = await EventStore.open(
                             self.settings.postgres_dsn, max_size=self.settings.postgres_pool_size,
-                            namespace=self.bus.settings.namespace,
+                            namespace=self.bus.settings.namespace, libpq=self.postgres.connect_kwargs(),
                         )
                     except Exception as exc:
                         log.warning("event store unavailable", error=type(exc).__name__)
@@ -835,13 +839,6 @@ def create_app(gw: Gateway) -> FastAPI:
         checks = await gw.ready()
         ok = all(checks.values())
         return json_response(Readiness(ready=ok, checks=checks), 200 if ok else 503)
-
-    @app.get(
-        "/metrics", summary="Prometheus metrics", tags=["probes"],
-        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    )
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(
         RequestDeadlines, seconds=settings.request_deadline_s, retry_after_s=settings.retry_after_s, max_wait_s=MAX_WAIT_S

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+
 from services.core.bus import Batch, Commit, Unavailable
 from services.core.events import Event, EventType, Route
+from services.core.redisconn import StartupError
 from services.core.runtime import Service, main
-from services.core.settings import load
+from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger
 from services.recorder.settings import RecorderSettings
 from services.recorder.store import EventStore, StoreUnavailable
@@ -46,6 +49,7 @@ class _Health:
 
 def build(service: Service) -> None:
     settings = load(RecorderSettings)
+    postgres = load(PostgresSettings)
     state: dict[str, EventStore] = {}
     health = _Health()
 
@@ -59,12 +63,19 @@ def build(service: Service) -> None:
                     settings.postgres_dsn, max_size=settings.pool_size, namespace=service.bus.settings.namespace,
                     timeout=settings.pool_timeout_s, connect_timeout=settings.connect_timeout_s,
                     reconnect_timeout=_reconnect_timeout(settings), open_timeout=settings.connect_timeout_s + 1,
+                    libpq=postgres.connect_kwargs(),
                 )
             except StoreUnavailable as exc:
                 health.mark(False, str(exc))
             else:
                 try:
-                    await store.migrate()
+                    await store.migrate(reader_role=settings.reader_role)
+                except psycopg.errors.UndefinedObject as exc:  # the reader role does not exist
+                    await store.close()
+                    raise StartupError(
+                        f"ZVT_RECORDER_READER_ROLE {settings.reader_role!r}: {exc}; create the role first "
+                        "(docs/operations.md, Secure the connections)"
+                    ) from None
                 except StoreUnavailable as exc:
                     await store.close()
                     health.mark(False, str(exc))
