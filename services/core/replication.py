@@ -19,13 +19,19 @@ for writes it did not follow. Redirections are not followed either: a command an
 ``MOVED`` was not run, and a redirected copy would run on another connection than its
 ``WAIT``; the caller gets the error, and the slot map is patched for the next call.
 
+``replication_barrier`` uses the same ``WAIT`` after a write of its own to make sure that
+everything a master had when it was called is on its replicas: the recorder calls it before it
+copies a batch to PostgreSQL, so the event store never holds an event that a failover takes
+back (a stage would then handle its input again, maybe differently, and replay would not equal
+live).
+
 Settings: ``ZVT_BUS_WAIT_REPLICAS`` and ``ZVT_BUS_WAIT_TIMEOUT_MS`` (``BusSettings``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +39,11 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import PipelineCommand
 from redis.exceptions import AskError, ConnectionError, MovedError, NoScriptError, RedisError, TimeoutError
 
+from services.core.keys import Keys
 from services.core.redisconn import AnyRedis, ScriptBatcher
 from services.core.settings import BusSettings
 
-__all__ = ["NotReplicated", "ReplicaWait", "ReplicatedScriptBatcher", "run_replicated"]
+__all__ = ["NotReplicated", "ReplicaWait", "ReplicatedScriptBatcher", "replication_barrier", "run_replicated"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,27 @@ def _judge(reply: Any, acked: Any, wait: ReplicaWait) -> Any:
     if int(acked) < wait.replicas:
         return NotReplicated(int(acked), wait.replicas)
     return reply
+
+
+BARRIER_TTL_MS = 60_000
+
+
+async def replication_barrier(redis: AnyRedis, wait: ReplicaWait, keys: Keys, shards: Iterable[int]) -> None:
+    """Return once ``wait.replicas`` replicas have everything the masters of ``shards`` had
+    written when it was called; else raise ``NotReplicated``.
+
+    A replica applies its master's writes in order, so a ``WAIT`` after a write of our own in
+    a shard's slot (``<ns>:{k}:replication-barrier``, expiring) covers every earlier write on
+    that master: the entries a consumer read, the state a handler saw. For an effect outside
+    Redis (a row in PostgreSQL, a venue call) that must not be made on the strength of what a
+    failover could still take back."""
+    commands = [
+        (key, ("SET", key, "1", "PX", BARRIER_TTL_MS))
+        for key in (keys.state(shard, "replication-barrier") for shard in sorted(set(shards)))
+    ]
+    for reply in await run_replicated(redis, wait, commands):
+        if isinstance(reply, Exception):
+            raise reply
 
 
 class ReplicatedScriptBatcher(ScriptBatcher):

@@ -307,9 +307,12 @@ class RoutingStage:
             if isinstance(venue, PaperVenue):
                 if mark is not None and venue.mid(order.symbol) != mark:
                     venue.set_price(order.symbol, mark)
-            elif resumed is None:
+            elif resumed is None or self.replica_wait is not None:
                 # Written before the submit: a crash or an unresolved outcome sends the retry
                 # of this event to the same venue, to look the order up before anything else.
+                # With ZVT_BUS_WAIT_REPLICAS an intent found by a retry is written (and waited
+                # for) again: the retry may be the one after its first WAIT failed, and the
+                # intent, as this order, may still be on the master only.
                 await self._write_intent(self._intent_key(pid, order.order_id), decision.venue)
             try:
                 placed = await self._submit(venue, request, resumed=resumed is not None)

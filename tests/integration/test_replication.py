@@ -21,7 +21,13 @@ from services.core.bus import Bus, Unavailable
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
 from services.core.redisconn import AnyRedis, open_redis
-from services.core.replication import NotReplicated, ReplicaWait, ReplicatedScriptBatcher, run_replicated
+from services.core.replication import (
+    NotReplicated,
+    ReplicaWait,
+    ReplicatedScriptBatcher,
+    replication_barrier,
+    run_replicated,
+)
 from services.core.settings import BusSettings, CoreSettings
 from services.gateway import Gateway, GatewaySettings, create_app
 from services.routing.stage import RoutingStage
@@ -145,3 +151,22 @@ async def test_routing_intent_when_not_confirmed_holds_the_batch_before_any_venu
             await stage._write_intent(key, "sima")
         assert await redis.get(key) == b"sima"
         assert 0 < int(await redis.ttl(key)) <= 86_400
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_replication_barrier_when_replicas_have_everything_returns(kind: str, request: pytest.FixtureRequest) -> None:
+    """The recorder's barrier before it copies a batch to PostgreSQL: a write of its own in each
+    shard's slot and a WAIT after it on that master, which covers every earlier write there."""
+    url = request.getfixturevalue("redis_single_url" if kind == "single" else "redis_cluster_url")
+    async with redis_on(Target(kind, url)) as (redis, ns):
+        keys = BusSettings(namespace=ns, shards=16)
+        bus = Bus(redis, keys)
+        if kind == "single":
+            with pytest.raises(NotReplicated):
+                await replication_barrier(redis, ReplicaWait(1, 20), bus.keys, [0, 3])
+        else:
+            await replication_barrier(redis, ReplicaWait(1, 2000), bus.keys, range(16))
+            with pytest.raises(NotReplicated) as too_many:
+                await replication_barrier(redis, ReplicaWait(2, 20), bus.keys, [0, 0, 5])
+            assert too_many.value.acked == 1
+        assert int(await redis.pttl(bus.keys.state(0, "replication-barrier"))) > 0
