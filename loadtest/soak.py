@@ -28,9 +28,10 @@ what it left has expired (``used_memory_before`` of the probe: the quiet baselin
 open-order probe: ``--open-probe`` GTC limit buys 3 % under the mark (inside the price band,
 so risk takes them, and not marketable, so they rest with routing and stay open) are injected
 and waited for; ``used_memory`` after minus before, divided by their number, is the memory of
-an open order (its record, its open-index entry, its reservation, its resting entry, and, not
-yet trimmed or expired, its events' stream entries and dedupe marks); the ``MEMORY USAGE`` of
-the record and those structures alone is reported beside it.
+an open order, measured right away (``bytes_per_open_order_with_events``: with its events'
+stream entries and dedupe marks) and once those are trimmed and expired, one retention later
+(``bytes_per_open_order``: its record, its open-index entry, its reservation, its resting
+entry); the ``MEMORY USAGE`` of the record and those structures is reported beside it.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ async def structure_bytes(client: Any, keys: list[str]) -> int:
     return total
 
 
-async def open_probe(client: Any, bus: Bus, portfolios: list[str], marks: dict[str, Decimal], n: int
-                     ) -> dict[str, Any]:
+async def open_probe(client: Any, bus: Bus, portfolios: list[str], marks: dict[str, Decimal], n: int,
+                     settle_s: float) -> dict[str, Any]:
     sk = StateKeys(bus.keys)
     shards = bus.keys.shards
     before = await used_memory(client)
@@ -137,6 +138,8 @@ async def open_probe(client: Any, bus: Bus, portfolios: list[str], marks: dict[s
         await asyncio.sleep(0.2)
     opened = await open_count(client, sk, shards)
     await asyncio.sleep(1)
+    with_events = await used_memory(client)
+    await asyncio.sleep(settle_s)  # their events' stream entries trimmed, dedupe marks expired
     after = await used_memory(client)
     sample = ids[: min(200, len(ids))]
     record_bytes = await structure_bytes(client, [sk.order(s.portfolio_id, oid) for s, oid in zip(specs, sample)])
@@ -150,7 +153,9 @@ async def open_probe(client: Any, bus: Bus, portfolios: list[str], marks: dict[s
         "resting": resting,
         "keys_before": keys_before,
         "used_memory_before": before,
+        "used_memory_with_events": with_events,
         "used_memory_after": after,
+        "bytes_per_open_order_with_events": (with_events - before) / max(1, opened),
         "bytes_per_open_order": (after - before) / max(1, opened),
         "bytes_per_open_order_structures": structures,
         "open_order_record_bytes": per_record,
@@ -189,7 +194,8 @@ async def soak(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             if args.open_probe > 0:
                 # once everything the load left has expired or been trimmed: the quiet baseline
                 await asyncio.sleep(args.retention_s + args.settle_s)
-                probe = await open_probe(client, bus, portfolios, marks, args.open_probe)
+                probe = await open_probe(client, bus, portfolios, marks, args.open_probe,
+                                         args.retention_s + args.settle_s)
                 print(f"open-order probe: {probe}", flush=True)
             result["open_probe"] = probe
             result["stream_retention_s"] = stream_retention
@@ -279,7 +285,8 @@ def report(r: dict[str, Any]) -> None:
           f"ratio {r['slope_ratio_after_before'] if r['slope_ratio_after_before'] is None else round(r['slope_ratio_after_before'], 4)} "
           f"(target <= {TARGET_RATIO})")
     if probe.get("open_orders"):
-        print(f"open order: {kb(probe['bytes_per_open_order'])} (used_memory delta), "
+        print(f"open order: {kb(probe['bytes_per_open_order'])} (used_memory delta; "
+              f"{kb(probe['bytes_per_open_order_with_events'])} before its events left), "
               f"{kb(probe['bytes_per_open_order_structures'])} (record + indexes, MEMORY USAGE)")
     print(f"soak: {'met' if r['met'] else 'MISSED'}")
 
