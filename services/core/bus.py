@@ -532,11 +532,11 @@ class Bus:
                 first: Any = await self.redis.xrange(key, min=f"({last[0]}-{last[1]}", count=1)
                 if first:
                     undelivered = _parse_id(_s(first[0][0]))
-            if int(info["pending"]) > 0:
-                summary = await self.redis.xpending(key, name)
+            summary = await self.redis.xpending(key, name) if int(info["pending"]) > 0 else None
+            if summary is not None and summary.get("min") is not None:
                 oldest_pending = _parse_id(_s(summary["min"]))
                 out[name] = (min(oldest_pending, after_last), oldest_pending)
-            else:
+            else:  # nothing pending (acknowledged since XINFO answered: it is no older than this)
                 out[name] = (after_last, undelivered)
         return out
 

@@ -235,6 +235,8 @@ class Service:
                     _export_bus_upkeep({}, {})  # another process measures this round
             except RedisError as exc:
                 log.warning("trim failed", error=str(exc))
+            except Exception:  # one bad pass must not end trimming for the life of the process
+                log.exception("trim failed")
 
     # -- probes --------------------------------------------------------------------------------
 
