@@ -1,5 +1,9 @@
-"""``python -m devstack start|stop|status [--only single|cluster|postgres]``: the local Redis,
-Redis Cluster and PostgreSQL.
+"""``python -m devstack start|stop|status [--only single|cluster|postgres] [--redis-password PW]``:
+the local Redis, Redis Cluster and PostgreSQL. With a Redis password (``--redis-password`` or,
+better, ``ZVT_DEVSTACK_REDIS_PASSWORD``, which keeps it off the command line) the single Redis
+and every cluster node run with ``requirepass`` (and ``masterauth``), and ``fleet start`` gives
+it to every service as ``ZVT_REDIS_PASSWORD``. A server already running with another password
+(or none) is refused with a clear error: ``stop`` it first.
 
 ``python -m devstack fleet start|stop|status``: every service of the fleet as detached local
 processes against them (what ``make up`` / ``make down`` / ``make status`` run). ``fleet start``
@@ -31,6 +35,7 @@ WEBHOOKS = "demo.webhooks"
 FLEET_NAMES: tuple[str, ...] = (WEBHOOKS, *fleet.SERVICES)
 """What ``fleet start`` runs, in start order (``fleet stop`` goes the other way)."""
 REDIS_URLS = {"cluster": stack.CLUSTER_URL, "single": stack.SINGLE_URL}
+"""Where the fleet's Redis is (the password, if any, goes separately: ``ZVT_REDIS_PASSWORD``)."""
 CLIENT_ONLY = frozenset({"ZVT_GATEWAY_URL", "ZVT_API_KEY", "ZVT_WEBHOOK_SINK_URL", "ZVT_SERVICE", "ZVT_HTTP_PORT"})
 """``ZVT_*`` variables that are not fleet settings: never copied from the caller into fleet.env."""
 FLEET_ENV = "fleet.env"
@@ -54,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=stack.COMPONENTS,
         help="act on this component only (repeatable; default: all)",
     )
+    parser.add_argument(
+        "--redis-password", metavar="PASSWORD",
+        help=f"run (and reach) the Redis servers with this password; prefer the {stack.PASSWORD_ENV} variable, "
+        "which stays off the process list",
+    )
     args = parser.parse_args(args_list)
+    if args.redis_password:
+        os.environ[stack.PASSWORD_ENV] = args.redis_password
 
     try:
         if args.command == "start":
@@ -185,6 +197,10 @@ def fleet_environment(
         "ZVT_DEMO_WEBHOOKS_PORT": str(args.webhook_port),
         "ZVT_NOTIFICATIONS_WEBHOOK_SECRET": secret,
     }
+    password = environ.get(stack.PASSWORD_ENV)
+    if password:  # the servers run with it (python -m devstack start)
+        env["ZVT_REDIS_PASSWORD"] = password
+    env.pop(stack.PASSWORD_ENV, None)  # devstack's own, not a service setting
     env.setdefault("ZVT_NOTIFICATIONS_WEBHOOK_URLS", f"http://{env['ZVT_DEMO_WEBHOOKS_HOST']}:{args.webhook_port}/webhooks")
     host = env["ZVT_GATEWAY_HOST"]
     host = stack.HOST if host in ("0.0.0.0", "::", "") else host

@@ -36,6 +36,7 @@ __all__ = [
     "HOST",
     "POSTGRES_DSN",
     "POSTGRES_PORT",
+    "PASSWORD_ENV",
     "PortInUse",
     "SINGLE_PORT",
     "SINGLE_URL",
@@ -52,6 +53,8 @@ __all__ = [
     "node_dir",
     "ping",
     "redis_cli",
+    "redis_password",
+    "redis_url",
     "start_node",
     "start_redis_server",
     "status",
@@ -87,6 +90,10 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_SYSTEM_USER = "postgres"
 
 COMPONENTS = ("single", "cluster", "postgres", "hatchet")  # hatchet: devstack.hatchet, on postgres
+
+PASSWORD_ENV = "ZVT_DEVSTACK_REDIS_PASSWORD"
+"""When set, the single Redis and every cluster node run with this password (``requirepass``,
+and ``masterauth`` for the replicas), and devstack's own ``redis-cli`` calls use it."""
 
 _INSTALL_HINT = "run `make deps`"
 
@@ -246,7 +253,10 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(content[-lines:])
 
 
-def _run(args: Sequence[str], *, timeout: float, cwd: Path | None = None, new_session: bool = False) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: Sequence[str], *, timeout: float, cwd: Path | None = None, new_session: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             list(args),
@@ -256,6 +266,7 @@ def _run(args: Sequence[str], *, timeout: float, cwd: Path | None = None, new_se
             cwd=cwd,
             start_new_session=new_session,
             stdin=subprocess.DEVNULL,
+            env=env,
         )
     except subprocess.TimeoutExpired as exc:
         raise DevstackError(f"timed out after {timeout}s: {' '.join(args)}") from exc
@@ -276,25 +287,75 @@ def _foreign_ports(ports: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- redis basics
 
 
-def redis_cli(port: int, *args: str, timeout: float = 5.0) -> str:
+def redis_password() -> str | None:
+    """The password devstack's Redis servers run with (``ZVT_DEVSTACK_REDIS_PASSWORD``), if any."""
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def redis_url(port: int, password: str | None = None) -> str:
+    """``redis://[:password@]127.0.0.1:port/0``; ``password`` defaults to devstack's."""
+    from urllib.parse import quote
+
+    secret = password if password is not None else redis_password()
+    auth = f":{quote(secret, safe='')}@" if secret else ""
+    return f"redis://{auth}{HOST}:{port}/0"
+
+
+def _cli_env(password: str | None) -> dict[str, str] | None:
+    """redis-cli's environment: the password in REDISCLI_AUTH (never on a command line)."""
+    secret = password if password is not None else redis_password()
+    env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    if secret:
+        env["REDISCLI_AUTH"] = secret
+    return env
+
+
+def redis_cli(port: int, *args: str, timeout: float = 5.0, password: str | None = None) -> str:
     """Run one command through ``redis-cli`` against 127.0.0.1:port and return its raw output.
 
+    ``password``: the server's; None: devstack's (``ZVT_DEVSTACK_REDIS_PASSWORD``), "": none.
     Raises DevstackError when the server cannot be reached or answers with an error.
     """
     cli = _require_binary("redis-cli")
-    proc = _run([cli, "-e", "-h", HOST, "-p", str(port), *args], timeout=timeout)
+    proc = _run([cli, "-e", "--no-auth-warning", "-h", HOST, "-p", str(port), *args], timeout=timeout,
+                env=_cli_env(password))
     if proc.returncode != 0:
         message = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}")
         raise DevstackError(f"redis-cli -p {port} {' '.join(args)}: {message}")
     return proc.stdout
 
 
-def ping(port: int, timeout: float = 2.0) -> bool:
+def ping(port: int, timeout: float = 2.0, password: str | None = None) -> bool:
     """True when a Redis on 127.0.0.1:port answers PONG (not while it is still loading)."""
     try:
-        return redis_cli(port, "PING", timeout=timeout).strip() == "PONG"
+        return redis_cli(port, "PING", timeout=timeout, password=password).strip() == "PONG"
     except DevstackError:
         return False
+
+
+def _password_mismatch(port: int, password: str) -> str | None:
+    """Why a running Redis does not take ``password`` ("" for none): it runs without one, or
+    with another; None when it takes it (or does not answer yet: the caller waits for that)."""
+    open_to_all = ping(port, password="")
+    if password:
+        if open_to_all:  # redis-cli's AUTH on a server without a password fails, PING works
+            return "runs without a password"
+        if ping(port, password=password):
+            return None
+        try:
+            redis_cli(port, "PING", password=password)
+        except DevstackError as exc:
+            if "WRONGPASS" in str(exc) or "AUTH" in str(exc):
+                return "runs with another password"
+        return None
+    if open_to_all:
+        return None
+    try:
+        redis_cli(port, "PING", password="")
+    except DevstackError as exc:
+        if "NOAUTH" in str(exc):
+            return "runs with a password"
+    return None
 
 
 def _redis_pattern(port: int) -> str:
@@ -326,10 +387,10 @@ def _starting_redis(port: int, directory: Path) -> bool:
     return False
 
 
-def _wait_ping(port: int, pid: int, timeout: float, logfile: Path) -> None:
+def _wait_ping(port: int, pid: int, timeout: float, logfile: Path, password: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ping(port, timeout=1.0):
+        if ping(port, timeout=1.0, password=password):
             return
         if not _pid_alive(pid):
             break
@@ -350,8 +411,10 @@ def start_redis_server(
     """Start a daemonized redis-server on 127.0.0.1:port with its files in ``dir``; return its pid.
 
     Defaults: pidfile ``redis.pid`` and logfile ``redis.log`` in ``dir``, no RDB snapshots,
-    AOF on. ``extra_args`` (``"--name", "value"`` pairs) come last, so they override those.
-    If a redis-server started from the same ``dir`` already runs, returns its pid unchanged.
+    AOF on. ``extra_args`` (``"--name", "value"`` pairs) come last, so they override those;
+    with ``--requirepass`` its readiness is checked with that password.
+    If a redis-server started from the same ``dir`` already runs, returns its pid unchanged
+    (DevstackError if it does not take the password asked for: stop it first to change that).
     """
     binary = _require_binary("redis-server")
     _require_binary("redis-cli")  # readiness is checked with it
@@ -359,11 +422,18 @@ def start_redis_server(
     directory.mkdir(parents=True, exist_ok=True)
     logfile = directory / "redis.log"
 
+    password = _arg_value(extra_args, "--requirepass") or ""
     existing = _redis_pid(port, directory)
     if existing is not None:
         if _proc_state(existing) == "T":  # left frozen by a chaos test (SIGSTOP)
             os.kill(existing, _signal.SIGCONT)
-        _wait_ping(port, existing, timeout, logfile)
+        mismatch = _password_mismatch(port, password)
+        if mismatch is not None:
+            raise DevstackError(
+                f"redis-server on port {port} (pid {existing}) {mismatch}; stop it (`python -m devstack stop`) "
+                f"and start it again to change that ({PASSWORD_ENV})"
+            )
+        _wait_ping(port, existing, timeout, logfile, password)
         return existing
     if _port_open(port):
         raise PortInUse(f"127.0.0.1:{port} is taken by a process that was not started from {directory}")
@@ -397,8 +467,23 @@ def start_redis_server(
         time.sleep(0.05)
     if pid is None:
         raise DevstackError(f"redis-server on port {port} exited during startup; last log lines of {logfile}:\n{_tail(logfile)}")
-    _wait_ping(port, pid, max(1.0, deadline - time.monotonic()), logfile)
+    _wait_ping(port, pid, max(1.0, deadline - time.monotonic()), logfile, password)
     return pid
+
+
+def _arg_value(args: Sequence[str], name: str) -> str | None:
+    """The value after the last ``name`` in ``args`` (the last one wins, as in redis-server)."""
+    value = None
+    for i, arg in enumerate(args[:-1]):
+        if arg == name:
+            value = args[i + 1]
+    return value
+
+
+def _password_args() -> list[str]:
+    """redis-server arguments for devstack's password: clients and replicas both need it."""
+    password = redis_password()
+    return ["--requirepass", password, "--masterauth", password] if password else []
 
 
 def stop_redis_server(port: int, dir: str | os.PathLike[str], *, timeout: float = 15.0) -> bool:
@@ -431,10 +516,11 @@ def _single_dir() -> Path:
 
 
 def ensure_single() -> str:
-    """Start the single Redis on 127.0.0.1:6390 unless it runs; return its URL."""
+    """Start the single Redis on 127.0.0.1:6390 unless it runs; return its URL (with the
+    password of ``ZVT_DEVSTACK_REDIS_PASSWORD`` when set)."""
     with _locked():
-        start_redis_server(SINGLE_PORT, _single_dir(), ["--enable-debug-command", "local"])
-    return SINGLE_URL
+        start_redis_server(SINGLE_PORT, _single_dir(), ["--enable-debug-command", "local", *_password_args()])
+    return redis_url(SINGLE_PORT)
 
 
 def _stop_single() -> None:
@@ -468,6 +554,7 @@ def _node_args(port: int) -> list[str]:
         "--cluster-replica-validity-factor", "0",
         "--appendonly", "yes",
         "--enable-debug-command", "local",
+        *_password_args(),
     ]
 
 
@@ -668,7 +755,7 @@ def _create_cluster() -> None:
     cli = _require_binary("redis-cli")
     log.info("creating redis cluster on ports %s..%s", CLUSTER_PORTS[0], CLUSTER_PORTS[-1])
     args = [cli, "--cluster", "create", *(f"{HOST}:{p}" for p in CLUSTER_PORTS), "--cluster-replicas", "1", "--cluster-yes"]
-    proc = _run(args, timeout=120)
+    proc = _run(args, timeout=120, env=_cli_env(None))
     if proc.returncode != 0 or "[OK] All 16384 slots covered" not in proc.stdout:
         raise DevstackError(f"redis-cli --cluster create failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 

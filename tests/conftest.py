@@ -24,7 +24,7 @@ def redis_single_url() -> str:
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> str:
     stack.ensure_cluster()
-    return stack.CLUSTER_URL
+    return stack.redis_url(stack.CLUSTER_PORTS[0])
 
 
 @pytest.fixture(scope="session")

@@ -7,19 +7,30 @@ output events and its ack in one script. One owner writes each record:
 ============================  ===================  =============================================
 key (shard k of portfolio p)  owner                what
 ============================  ===================  =============================================
-``order:<order_id>``          gateway creates,     ``OrderRecord``: status, fills, reject reason
-                              order service after
+``order:<order_id>``          gateway creates,     ``OrderRecord``: status, fills, reject reason;
+                              order service after  expires ``ZVT_ORDER_TERMINAL_RETENTION_S``
+                                                   after it reaches a terminal status
+``open-orders``               order service        sorted set of the shard's open order ids (from
+                                                   ``created`` to terminal) by creation time (ms)
 ``coid:<p>:<client_order_id>`` gateway             the order id a client order id was given
-``orders:<p>``                gateway              sorted set of order ids by creation time
+                                                   (expires with the idempotency window)
+``orders:<p>``                gateway adds,        sorted set of order ids by creation time (ms);
+                              order service trims  entries older than the retention are trimmed
 ``portfolio:<p>``             gateway (admin API)  ``PortfolioRecord``: limits, trading state
 ``balances:<p>``              portfolio service    hash asset -> Decimal (the admin API seeds it)
 ``positions:<p>``             portfolio service    hash symbol -> ``PositionRecord``
 ``risk:<p>``                  risk service         ``RiskRecord``: recent orders, funds reserved
 ``reservations:<p>``          risk service         hash order id -> ``Reservation`` of open orders
 ``resting:<p>``               routing service      hash order id -> ``RestingOrder``
-``applied:<order_id>``        portfolio service    set of the fill ids applied to balances (expires)
-``cancel:<order_id>``         routing service      a cancel that overtook its order
+``applied:<order_id>``        portfolio service    set of the fill ids applied to balances
+                                                   (expires: ``ZVT_ORDER_FILL_MEMORY_S``)
+``cancel:<order_id>``         routing service      a cancel that overtook its order (expires)
+``route-intent:<order_id>``   routing service      the venue of a submit in flight (expires)
 ============================  ===================  =============================================
+
+Every per-order key is bounded: it expires, or it is removed when its order ends (the
+``reservations`` and ``resting`` fields, the ``open-orders`` entry), so Redis holds the open
+orders plus the finished ones of the last retention period (docs/trading.md, Retention).
 
 Outside the shards: ``<ns>:global:marks`` (hash symbol -> mark price, written by the price
 feed) and the API keys (``<ns>:global:apikey:<sha256 of the secret>``).
@@ -425,6 +436,11 @@ class StateKeys:
 
     def orders(self, portfolio_id: str) -> str:
         return self.keys.state(self.keys.shard_of(portfolio_id), "orders", portfolio_id)
+
+    def open_orders(self, shard: int) -> str:
+        """Sorted set of the shard's open order ids (created, not yet terminal) by creation
+        time in ms: what reconciliation looks up instead of scanning keys."""
+        return self.keys.state(shard, "open-orders")
 
     def portfolio(self, portfolio_id: str) -> str:
         return self.keys.state(self.keys.shard_of(portfolio_id), "portfolio", portfolio_id)

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TimeoutError,
+)
 
+from services.core.redact import redact
 from services.core.settings import CoreSettings
 
-__all__ = ["MAX_CONNECTIONS", "AnyRedis", "ScriptBatcher", "connect", "open_redis", "scan_keys"]
+__all__ = [
+    "MAX_CONNECTIONS", "AnyRedis", "RedisStartupError", "ScriptBatcher", "StartupError", "connect", "connection_options",
+    "open_checked", "open_redis", "scan_keys", "startup_problem",
+]
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 
@@ -49,6 +62,34 @@ class HiredisPackingConnection(Connection):
             raise ConnectionError(f"connection lost while writing: {exc}") from exc
 
 
+class HiredisPackingSSLConnection(HiredisPackingConnection, SSLConnection):
+    """The same over TLS (a ``rediss://`` URL)."""
+
+
+def connection_options(settings: CoreSettings) -> dict[str, Any]:
+    """What every Redis connection is made with besides its address: the ACL user and password
+    (the settings win over the URL's userinfo), TLS (CA, client certificate, hostname check)
+    for a ``rediss://`` URL, timeouts and retries."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=3, supported_errors=(ConnectionError, TimeoutError)),
+    }
+    if settings.redis_username is not None:
+        options["username"] = settings.redis_username
+    if settings.redis_password is not None:
+        options["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_tls:
+        options.update(
+            ssl_cert_reqs="required",
+            ssl_ca_certs=settings.redis_tls_ca_file,
+            ssl_certfile=settings.redis_tls_cert_file,
+            ssl_keyfile=settings.redis_tls_key_file,
+            ssl_check_hostname=settings.redis_tls_check_hostname,
+        )
+    return options
+
+
 def connect(settings: CoreSettings) -> AnyRedis:
     """A client for ``settings.redis_url``; the caller closes it with ``aclose()``.
 
@@ -58,30 +99,33 @@ def connect(settings: CoreSettings) -> AnyRedis:
     pool: there each node's pool fails with ``MaxConnectionsError`` (a ``ConnectionError``)
     when full, which the gateway answers 503 like any other Redis error.
     """
-    retry = Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=3, supported_errors=(ConnectionError, TimeoutError))
+    options = connection_options(settings)
+    connection_class = HiredisPackingSSLConnection if settings.redis_tls else HiredisPackingConnection
     if settings.redis_cluster:
-        cluster = RedisCluster.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            retry=retry,
+        # from_url reads the URL's userinfo and query first; the settings' options win over them
+        url_options = dict(parse_url(settings.redis_url))
+        url_options.pop("connection_class", None)
+        cluster = RedisCluster(
+            **{**url_options, **options},
+            ssl=settings.redis_tls,
             health_check_interval=0,
             max_connections=MAX_CONNECTIONS,  # per node
         )
-        # RedisCluster fixes its connection class; nodes are built from these kwargs.
+        # RedisCluster fixes its connection class (SSLConnection with ssl=True); nodes are built
+        # from these kwargs. Ours packs with hiredis, over TLS too.
         for kwargs in (cluster.connection_kwargs, cluster.nodes_manager.connection_kwargs):
-            kwargs["connection_class"] = HiredisPackingConnection
+            kwargs["connection_class"] = connection_class
         for node in cluster.nodes_manager.startup_nodes.values():
-            node.connection_class = HiredisPackingConnection
+            node.connection_class = connection_class
         return cluster
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=retry,
+    # Not from_url: a rediss:// URL would set redis-py's own SSLConnection over ours.
+    url_options = dict(parse_url(settings.redis_url))
+    url_options.pop("connection_class", None)
+    pool = BlockingConnectionPool(
+        **{**url_options, **options},
         max_connections=MAX_CONNECTIONS,
         timeout=settings.redis_pool_timeout_s,
-        connection_class=HiredisPackingConnection,
+        connection_class=connection_class,
     )
     return Redis.from_pool(pool)
 
@@ -105,6 +149,55 @@ async def open_redis(settings: CoreSettings) -> AnyRedis:
     if isinstance(client, RedisCluster):
         await client.initialize()
     return client
+
+
+class StartupError(Exception):
+    """A service cannot start for a reason an operator fixes (a credential, a certificate, a
+    missing role): ``line`` says so in one line, credentials masked; the service prints it and
+    exits 2 (``services.core.runtime.main``)."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = redact(line)
+
+
+class RedisStartupError(StartupError):
+    """Redis cannot be used at start: a wrong password, TLS refused, unreachable."""
+
+
+async def open_checked(settings: CoreSettings) -> AnyRedis:
+    """``open_redis`` and one ``PING``, or ``RedisStartupError`` naming what is wrong: what a
+    service runs at start, so that a wrong password or a TLS problem stops it at once with one
+    clear line instead of a traceback (or a service that is up but can do nothing)."""
+    client: AnyRedis | None = None
+    try:
+        client = await open_redis(settings)
+        await asyncio.wait_for(client.ping(), settings.redis_timeout_s * 2)
+    except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        raise RedisStartupError(startup_problem(settings, exc)) from None
+    return client
+
+
+def startup_problem(settings: CoreSettings, exc: BaseException) -> str:
+    """One line for a failure to open Redis: where, and why (credentials masked)."""
+    cause: BaseException = exc
+    while isinstance(cause, RedisClusterException) and cause.__cause__ is not None:
+        cause = cause.__cause__  # "cannot be connected": the node's own error says why
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, AuthenticationError):
+        user = settings.redis_username or urlsplit(settings.redis_url).username or "default"
+        why = f"authentication failed for user {user!r} (check ZVT_REDIS_PASSWORD / the URL's password): {text}"
+    elif "SSL" in text or "certificate" in text or "TLS" in text:
+        why = f"TLS handshake failed (check ZVT_REDIS_TLS_* and the rediss:// URL): {text}"
+    elif "wrong version number" in text or isinstance(cause, ConnectionError) and "Connection reset" in text:
+        why = f"connection refused or reset (a TLS server needs a rediss:// URL): {text}"
+    else:
+        why = f"{type(cause).__name__}: {text}"
+    kind = "Redis Cluster" if settings.redis_cluster else "Redis"
+    return redact(f"cannot use {kind} at {settings.redis_url}: {why}")[:1000]
 
 
 class ScriptBatcher:

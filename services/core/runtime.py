@@ -34,7 +34,7 @@ from starlette.routing import Route as HttpRoute
 
 from services.core.bus import Batch, Bus, Commit, Consumer, Handler
 from services.core.events import Event, EventType, Route
-from services.core.redisconn import AnyRedis, open_redis
+from services.core.redisconn import AnyRedis, StartupError, open_checked
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import (
     BUS_DEADLETTER_ENTRIES,
@@ -163,10 +163,11 @@ class Service:
     async def run(self) -> int:
         setup_logging(self.settings)
         setup_tracing(self.settings)
+        # a wrong password, a refused TLS handshake: StartupError, one line (``main``)
+        self.redis = await open_checked(self.settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.redis = await open_redis(self.settings)
         self.bus = Bus(self.redis, self.bus_settings)
         try:
             await self._start_http()
@@ -311,7 +312,12 @@ def main(name: str, build: Callable[[Service], Any], description: str = "") -> N
         print(f"{name}: {exc.line}", file=sys.stderr)
         raise SystemExit(2) from None
     # uvloop: the same asyncio, a faster loop (every service is I/O-bound on Redis).
-    raise SystemExit(uvloop.run(service.run()))
+    try:
+        code = uvloop.run(service.run())
+    except StartupError as exc:  # wrong Redis password, TLS refused, a missing role...: one line
+        print(f"{name}: {exc.line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
 
 
 def check_no_arguments(name: str, description: str) -> None:

@@ -10,15 +10,18 @@ URL or DSN is shown without its password.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.core.redact import MASK, redact, remember
 
-__all__ = ["BusSettings", "CoreSettings", "SettingsError", "load", "register", "registered"]
+__all__ = [
+    "BusSettings", "CoreSettings", "PostgresSettings", "SettingsError", "load", "register", "registered",
+]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -72,6 +75,9 @@ def _error_line(cls: type[BaseSettings], exc: ValidationError, overrides: dict[s
     err = exc.errors()[0]
     prefix = cls.model_config.get("env_prefix", "")
     field = str(err["loc"][0]) if err["loc"] else "?"
+    if not err["loc"]:  # a check across fields: its message names the variable first
+        named = re.search(rf"\b{re.escape(str(prefix))}(\w+)", str(err["msg"]))
+        field = named.group(1).lower() if named else field
     value = err.get("input")
     secret = field in cls.model_fields and _is_secret(cls.model_fields[field].annotation)
     shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
@@ -116,6 +122,34 @@ class CoreSettings(BaseSettings):
         description="Redis to use; for a cluster, the address of any one node.",
     )
     redis_cluster: bool = Field(False, description="Treat `ZVT_REDIS_URL` as a Redis Cluster node.")
+    redis_username: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="Redis ACL user; wins over a user in `ZVT_REDIS_URL`. Unset: the URL's, else `default`.",
+    )
+    redis_password: SecretStr | None = Field(
+        None, min_length=1, max_length=512,
+        description="Password of the Redis user (`requirepass` or an ACL user's); wins over a password in "
+        "`ZVT_REDIS_URL`. A secret: pass it by reference.",
+    )
+    redis_tls_ca_file: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="PEM file of the CA(s) that signed the Redis server certificate (a `rediss://` URL); unset: "
+        "the system's CAs. Must exist at start.",
+    )
+    redis_tls_cert_file: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="PEM client certificate for Redis servers that require one (`tls-auth-clients yes`); with "
+        "`ZVT_REDIS_TLS_KEY_FILE`.",
+    )
+    redis_tls_key_file: str | None = Field(
+        None, min_length=1, max_length=4096, description="PEM private key of `ZVT_REDIS_TLS_CERT_FILE`."
+    )
+    redis_tls_check_hostname: bool = Field(
+        True,
+        description="Check that the Redis server certificate names the host of the URL (and, on a cluster, of "
+        "every node it announces). Turn off only for certificates without the right names; the chain is "
+        "still verified.",
+    )
     redis_timeout_s: float = Field(5.0, gt=0, le=60, description="Socket timeout for Redis commands, seconds.")
     redis_pool_timeout_s: float = Field(
         5.0, gt=0, le=60,
@@ -135,6 +169,74 @@ class CoreSettings(BaseSettings):
     drain_timeout_s: float = Field(
         20.0, gt=0, le=600, description="On SIGTERM, how long to finish the batches in hand before exiting."
     )
+
+    @property
+    def redis_tls(self) -> bool:
+        """Whether Redis is reached over TLS (a ``rediss://`` URL)."""
+        return self.redis_url.startswith("rediss://")
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _tls_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        url = info.data.get("redis_url")
+        if isinstance(url, str) and not url.startswith("rediss://"):
+            raise ValueError("needs a rediss:// ZVT_REDIS_URL (TLS); with redis:// nothing is encrypted")
+        if not os.path.isfile(value):
+            raise ValueError("no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _client_certificate_pair(self) -> CoreSettings:
+        cert, key = self.redis_tls_cert_file, self.redis_tls_key_file
+        if (cert is None) != (key is None):
+            given, missing = ("CERT", "KEY") if key is None else ("KEY", "CERT")
+            raise ValueError(f"ZVT_REDIS_TLS_{given}_FILE needs ZVT_REDIS_TLS_{missing}_FILE too (a client certificate and its key)")
+        return self
+
+
+PostgresSslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+@register
+class PostgresSettings(BaseSettings):
+    """TLS of every connection to PostgreSQL (the recorder's and the gateway's event store). These win
+    over the same parameters in a DSN's query (`?sslmode=verify-full&sslrootcert=/etc/zvt/pg-ca/ca.crt`),
+    which works too; unset, the DSN's (else libpq's default, `prefer`) apply."""
+
+    model_config = SettingsConfigDict(env_prefix="ZVT_POSTGRES_", extra="ignore", frozen=True)
+
+    sslmode: PostgresSslMode | None = Field(
+        None,
+        description="libpq `sslmode`: `verify-full` in production (encrypted, the server certificate signed by "
+        "`ZVT_POSTGRES_SSLROOTCERT` and naming the DSN's host); `require` encrypts without checking who answers.",
+    )
+    sslrootcert: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="PEM file of the CA(s) that signed the PostgreSQL server certificate (libpq `sslrootcert`; "
+        "`system`: the system's CAs). Must exist at start.",
+    )
+    sslcert: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="PEM client certificate, for servers that authenticate clients by certificate (libpq `sslcert`).",
+    )
+    sslkey: str | None = Field(
+        None, min_length=1, max_length=4096, description="PEM private key of `ZVT_POSTGRES_SSLCERT` (libpq `sslkey`)."
+    )
+
+    @field_validator("sslrootcert", "sslcert", "sslkey")
+    @classmethod
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or (info.field_name == "sslrootcert" and value == "system"):
+            return value
+        if not os.path.isfile(value):
+            raise ValueError("no such file")
+        return value
+
+    def connect_kwargs(self) -> dict[str, str]:
+        """The libpq parameters set here, to pass to a connection (they win over the DSN's)."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
 
 
 @register
@@ -220,6 +322,23 @@ class BusSettings(BaseSettings):
         "a third of `ZVT_BUS_LEASE_TTL_MS`.",
     )
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="How often consumer-group lag is measured.")
+    wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Replicas that must confirm a write the platform makes a promise on (`WAIT`) before it goes "
+        "on: the gateway's order submission before it answers 202, routing's route intent before it calls a "
+        "venue. Fewer within `ZVT_BUS_WAIT_TIMEOUT_MS`: the gateway answers 503 `not_replicated` (retry with the "
+        "same `client_order_id`), routing holds the batch and retries. 0: off (a single Redis has no replicas); "
+        "the chart sets 1. At most the replicas of each master, or every such write fails.",
+    )
+    wait_timeout_ms: int = Field(
+        250,
+        ge=1,
+        le=10_000,
+        description="How long such a write waits for `ZVT_BUS_WAIT_REPLICAS` replicas, milliseconds; keep it well "
+        "below `ZVT_GATEWAY_REQUEST_DEADLINE_S`.",
+    )
 
     @field_validator("must_persist_groups", mode="before")
     @classmethod
@@ -238,6 +357,10 @@ class BusSettings(BaseSettings):
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " or ".join(f"`{a}`" for a in get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if any(get_origin(a) is Literal for a in get_args(annotation)):  # an optional Literal
+        return " or ".join(_type_name(a) for a in get_args(annotation))
     text = getattr(annotation, "__name__", None) if get_origin(annotation) is None else None
     return text or str(annotation).replace("typing.", "").replace(" | ", " or ")
 
@@ -245,6 +368,7 @@ def _type_name(annotation: Any) -> str:
 # Modules whose import registers settings models; the table documents all of them.
 DOCUMENTED_MODULES = (
     "services.core.runtime",
+    "services.order.settings",
     "services.recorder.settings",
     "services.risk.settings",
     "services.routing.settings",
@@ -271,6 +395,14 @@ def markdown() -> str:
         "a `password=`, `token=`, `secret=` or `api_key=` pair (in a key=value DSN or a URL query),",
         "a JSON Web Token (a Hatchet token) and a `Bearer` credential. A raw `,` in a URL's password is",
         "not supported (percent-encode it). See `services/core/redact.py`.",
+        "",
+        "In production every connection is authenticated and encrypted: Redis as an ACL user with its",
+        "password (`ZVT_REDIS_USERNAME`, `ZVT_REDIS_PASSWORD`, or `rediss://user:password@host:6380/0`)",
+        "over TLS (a `rediss://` URL and `ZVT_REDIS_TLS_*`, for a single Redis and every cluster node);",
+        "PostgreSQL with `verify-full` (`ZVT_POSTGRES_*`, or `?sslmode=verify-full&sslrootcert=...` in",
+        "the DSN), the gateway as a read-only role (`ZVT_RECORDER_READER_ROLE`). A wrong password or a",
+        "refused TLS handshake stops a service at start with one line. See docs/operations.md,",
+        "\"Secure the connections\".",
         "",
     ]
     order = {module: i for i, module in enumerate((__name__, *DOCUMENTED_MODULES))}

@@ -2,8 +2,9 @@
 
 Accepts orders onto ``order.requested`` (one script per order, in the portfolio's slot),
 answers order, portfolio and audit queries from Redis and the event store, manages API keys,
-and answers 429 while the risk stage is too far behind. Its own ``/healthz``, ``/readyz`` and
-``/metrics`` are served on the API port; the runtime's probe server keeps ``ZVT_HTTP_PORT``.
+and answers 429 while the risk stage is too far behind. ``/healthz`` and ``/readyz`` are served on
+the API port too; ``/metrics`` only on the runtime's probe port ``ZVT_HTTP_PORT`` (with its own
+``/healthz`` and ``/readyz``), never to the API's clients.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from services.core.runtime import Service, main
-from services.core.settings import load
+from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger
 from services.gateway.app import Gateway, create_app
 from services.gateway.settings import GatewaySettings
@@ -35,12 +36,13 @@ class _Server(uvicorn.Server):
 def build(service: Service) -> None:
     settings = load(GatewaySettings)
     hatchet = load(HatchetSettings)
+    postgres = load(PostgresSettings)
     state: dict[str, Gateway] = {}
     server: dict[str, _Server] = {}
 
     async def start(svc: Service) -> None:
         assert svc.bus is not None
-        gateway = Gateway(svc.bus, settings, hatchet)
+        gateway = Gateway(svc.bus, settings, hatchet, postgres)
         await gateway.start()
         state["gateway"] = gateway
         config = uvicorn.Config(

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -31,8 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core.bus import Bus
 from services.core.events import EventType
-from services.core.hotstate import StateKeys
-from services.core.settings import load
+from services.core.hotstate import OrderRecord, StateKeys
+from services.core.replication import NotReplicated
+from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger, tracing
 from services.gateway.auth import ApiKeys, Principal
 from services.gateway.deadline import (
@@ -40,6 +41,7 @@ from services.gateway.deadline import (
     RequestDeadlines,
     deadline_exceeded,
     outside_deadline,
+    not_replicated,
     redis_unavailable,
     wait_allowance,
 )
@@ -98,15 +100,19 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 class Gateway:
     """What the API's routes share, and its background tasks."""
 
-    def __init__(self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None) -> None:
+    def __init__(
+        self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None,
+        postgres: PostgresSettings | None = None,
+    ) -> None:
         self.bus = bus
+        self.postgres = postgres or load(PostgresSettings)
         self.redis = bus.redis
         self.settings = settings
         self.api_keys = ApiKeys(
             bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s, cache_size=settings.key_cache_size,
             bad_key_ttl_s=settings.bad_key_cache_ttl_s,
         )
-        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s)
+        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s, archive=self.store)
         self.order_rate = OrderRate(bus.redis, bus.keys, settings.key_order_rate, settings.key_order_window_s)
         self.wait_cap = WaitCap(settings.key_max_waits, settings.retry_after_s)
         self.portfolios = Portfolios(bus)
@@ -166,7 +172,7 @@ class Gateway:
                     try:
                         self._store = await EventStore.open(
                             self.settings.postgres_dsn, max_size=self.settings.postgres_pool_size,
-                            namespace=self.bus.settings.namespace,
+                            namespace=self.bus.settings.namespace, libpq=self.postgres.connect_kwargs(),
                         )
                     except Exception as exc:
                         log.warning("event store unavailable", error=type(exc).__name__)
@@ -409,7 +415,8 @@ _PROBLEM_TEXT = {
     429: "The pipeline is behind (`backpressure`), or the key is over its order rate (`rate_limited`) or its "
          "open waits (`too_many_waits`); retry after `Retry-After` seconds",
     503: "A dependency is unavailable: Redis (`redis_unavailable`, or `deadline_exceeded` when it does not answer "
-         "within the request deadline; with `Retry-After`), the event store or the workflow engine",
+         "within the request deadline, or `not_replicated` when too few Redis replicas confirmed an order in time; "
+         "with `Retry-After`), the event store or the workflow engine",
 }
 
 
@@ -563,14 +570,17 @@ def create_app(gw: Gateway) -> FastAPI:
             gw.wait_cap.take(caller.key_id)  # 429 too_many_waits: nothing submitted
         try:
             await gw.order_rate.check(caller.key_id)  # 429 rate_limited: one round trip
-            submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
+            try:
+                submitted = await gw.desk.submit(body, quantity, price, caller.key_id, durable=durable)
+            except NotReplicated as exc:
+                raise not_replicated(exc, settings.retry_after_s) from None
             record = submitted.record
             headers: dict[str, str] = {}
             if durable:
                 headers["X-Workflow-Run-Id"] = await start_durable(submitted)
             if wait is not None:
                 key = gw.desk.record_key(record.order_id)
-                if key is not None:
+                if key is not None and not record.is_terminal:
                     record = await gw.waiters.wait(record.order_id, key, wait) or record
                 done = record.is_terminal or not submitted.created
                 return json_response(order_view(record), 200 if done else 202, headers)
@@ -608,20 +618,23 @@ def create_app(gw: Gateway) -> FastAPI:
                 "send the same request again",
             ) from exc
 
-    async def visible_order(caller: Principal, order_id: str) -> Any:
-        record = await gw.desk.get(order_id)
+    async def visible_order(caller: Principal, order_id: str) -> tuple[OrderRecord, bool]:
+        """The order (live, or rebuilt from the event store once it left Redis) and whether
+        it is live; 404 when neither has it or the key does not grant its portfolio."""
+        record, live = await gw.desk.find(order_id)
         if record is None or not caller.grants(record.portfolio_id):
             raise Problem(404, "order_not_found", f"no order {order_id}")
-        return record
+        return record, live
 
     @app.get(
-        "/v1/orders/{order_id}", summary="An order", tags=["orders"],
-        responses={200: _ok("The order", "OrderView"), **_problems(404)},
+        "/v1/orders/{order_id}", summary="An order (from the event store once it has left Redis)", tags=["orders"],
+        responses={200: _ok("The order", "OrderView"), **_problems(404, 503)},
     )
     async def get_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.READ)
-        return json_response(order_view(await visible_order(caller, order_id)))
+        record, _ = await visible_order(caller, order_id)
+        return json_response(order_view(record))
 
     @app.delete(
         "/v1/orders/{order_id}", status_code=202, summary="Cancel an order", tags=["orders"],
@@ -630,8 +643,8 @@ def create_app(gw: Gateway) -> FastAPI:
     async def cancel_order(request: Request, order_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)
         caller.require(KeyScope.TRADE)
-        record = await visible_order(caller, order_id)
-        if record.is_terminal:
+        record, live = await visible_order(caller, order_id)
+        if record.is_terminal or not live:  # only a finished order leaves Redis
             raise Problem(409, "order_terminal", f"order {order_id} is already {record.status}")
         await gw.desk.request_cancel(record, caller.key_id)
         return json_response(order_view(record), 202)
@@ -826,13 +839,6 @@ def create_app(gw: Gateway) -> FastAPI:
         checks = await gw.ready()
         ok = all(checks.values())
         return json_response(Readiness(ready=ok, checks=checks), 200 if ok else 503)
-
-    @app.get(
-        "/metrics", summary="Prometheus metrics", tags=["probes"],
-        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    )
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(
         RequestDeadlines, seconds=settings.request_deadline_s, retry_after_s=settings.retry_after_s, max_wait_s=MAX_WAIT_S

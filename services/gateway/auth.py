@@ -85,7 +85,6 @@ ROUTE_SCOPES: tuple[RouteAccess, ...] = (
     RouteAccess("GET", "/v1/events", Scope.READ, "filtered"),
     RouteAccess("GET", "/healthz", None, "none"),
     RouteAccess("GET", "/readyz", None, "none"),
-    RouteAccess("GET", "/metrics", None, "none"),
 )
 
 

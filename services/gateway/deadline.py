@@ -37,6 +37,7 @@ __all__ = [
     "Deadline",
     "RequestDeadlines",
     "deadline_exceeded",
+    "not_replicated",
     "outside_deadline",
     "redis_unavailable",
     "wait_allowance",
@@ -130,6 +131,18 @@ def redis_unavailable(path: str, retry_after_s: int) -> Problem:
     return Problem(
         503, "redis_unavailable",
         "Redis cannot be reached; retry after `Retry-After` seconds." + (_RETRY_BODY if path == _ORDERS else ""),
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def not_replicated(exc: Exception, retry_after_s: int) -> Problem:
+    """503 for an order written on the Redis master but confirmed by too few replicas
+    (``ZVT_BUS_WAIT_REPLICAS``): it could be lost in a failover, so it is not reported accepted."""
+    _warn("not_replicated", _ORDERS)
+    return Problem(
+        503, "not_replicated",
+        f"Redis could not confirm the order on its replicas in time ({exc}); retry after `Retry-After` seconds."
+        + _RETRY_BODY,
         headers={"Retry-After": str(retry_after_s)},
     )
 

@@ -17,7 +17,7 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZVT_GATEWAY_", extra="ignore", frozen=True)
 
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address of the public API; `0.0.0.0` in a pod.")
-    port: int = Field(8080, ge=0, le=65535, description="Port of the public API (with its own `/healthz`, `/readyz`, `/metrics`); 0 picks a free one.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the public API (with its own `/healthz`, `/readyz`; `/metrics` is on `ZVT_HTTP_PORT` only); 0 picks a free one.")
     admin_api_key: SecretStr | None = Field(
         None,
         min_length=16,
@@ -28,7 +28,9 @@ class GatewaySettings(BaseSettings):
     postgres_dsn: str = Field(
         "postgresql://zvt:zvt@127.0.0.1:15432/zvt",
         pattern=r"^postgres(ql)?://",
-        description="PostgreSQL event store read by `GET /v1/events` (a secret in production: pass it by reference).",
+        description="PostgreSQL event store read by `GET /v1/events` (a secret in production: pass it by reference). "
+        "In production a read-only role (`ZVT_RECORDER_READER_ROLE`), not the recorder's; TLS: `ZVT_POSTGRES_*` "
+        "or `?sslmode=verify-full&sslrootcert=...`.",
     )
     postgres_pool_size: int = Field(2, ge=1, le=64, description="Connections to the event store.")
     max_body_bytes: int = Field(65_536, ge=256, le=16 * 1024 * 1024, description="Largest request body accepted; larger gets 413.")

@@ -14,7 +14,7 @@ cancel, a late routing acknowledgement) is logged and dropped, never applied twi
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -29,19 +29,23 @@ from services.core.events import (
     OrderExecuted,
     OrderFailed,
     OrderRejected,
+    OrderRequested,
     OrderValidated,
     utcnow,
 )
-from services.core.hotstate import Fill, OrderRecord, StateKeys, dump, load
+from services.core.hotstate import Fill, OrderRecord, StateKeys, dump, load, requested_order
+from services.core.keys import Keys
 from services.core.telemetry import consumer_span, get_logger
 from services.trading.orders import TRANSITIONS, InvalidTransition, OrderStatus
 
-__all__ = ["EXPIRED_REASON", "GROUP", "HANDLED", "OrderStage"]
+__all__ = ["EXPIRED_REASON", "GROUP", "HANDLED", "OrderStage", "rebuild_order"]
 
 log = get_logger("zvt.order")
 
 GROUP = "order"
 STAGE = "order"
+DEFAULT_RETENTION_S = 86_400
+"""``ZVT_ORDER_TERMINAL_RETENTION_S``'s default (``services.order.settings``)."""
 EXPIRED_REASON = "expired"
 """``order.canceled`` with this reason: the venue expired the rest (IOC, FOK, market)."""
 
@@ -60,10 +64,16 @@ assert {(S.REQUESTED, S.VALIDATED), (S.VALIDATED, S.CREATED)} <= TRANSITIONS
 
 
 class OrderStage:
-    def __init__(self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(
+        self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow,
+        terminal_retention_s: int = DEFAULT_RETENTION_S,
+    ) -> None:
+        """``terminal_retention_s``: how long a record stays once terminal
+        (``ZVT_ORDER_TERMINAL_RETENTION_S``)."""
         self.redis = redis
         self.sk = state_keys
         self.clock = clock
+        self.retention_s = terminal_retention_s
 
     async def load(self, keys: list[str]) -> dict[str, OrderRecord]:
         """The records behind these keys (one ``MGET``: a batch is one slot on a cluster)."""
@@ -89,7 +99,24 @@ class OrderStage:
                     continue
                 if updated is not record:
                     records[key] = updated
-                    commit.write("SET", key, dump(updated))
+                    self.write(commit, key, record, updated)
+
+    def write(self, commit: Commit, key: str, before: OrderRecord, after: OrderRecord) -> None:
+        """The record's new state, with the shard's open-order index and, for an order that
+        has just ended, its expiry and the trim of the portfolio's orders index (one commit)."""
+        oid = after.order_id
+        open_index = self.sk.open_orders(commit.shard)
+        if after.is_terminal and not before.is_terminal:
+            commit.write("SET", key, dump(after), "EX", self.retention_s)
+            commit.write("ZREM", open_index, oid)
+            # entries as old as the retention: their records are gone or about to be; the API
+            # finds those orders in the event store
+            cutoff_ms = int(self.clock().timestamp() * 1000) - self.retention_s * 1000
+            commit.write("ZREMRANGEBYSCORE", self.sk.orders(after.portfolio_id), "-inf", cutoff_ms)
+            return
+        commit.write("SET", key, dump(after))
+        if after.status is S.CREATED and before.status is not S.CREATED:
+            commit.write("ZADD", open_index, int(after.created_at.timestamp() * 1000), oid)
 
     def apply(self, event: Event[Any], record: OrderRecord, commit: Commit) -> OrderRecord:
         """The record after ``event``; emits what the order does next."""
@@ -178,3 +205,33 @@ class OrderStage:
         )
         return record
 
+
+def rebuild_order(events: Iterable[Event[Any]], keys: Keys) -> OrderRecord | None:
+    """An order's record rebuilt from its stored events (its ``order.requested``, then what the
+    order stage handles, in stored order) by the stage's own ``apply``: what the API serves
+    once the live record has left Redis. ``None`` without the request. The record's
+    ``updated_at`` is the time of the last event that changed it (the live record has the time
+    the stage handled it, a little later); ``body_hash`` is not rebuilt."""
+    record: OrderRecord | None = None
+    now = [utcnow()]
+    stage = OrderStage(None, StateKeys(keys), clock=lambda: now[0])
+    for event in events:
+        p = event.payload
+        if isinstance(p, OrderRequested):
+            if record is None:
+                record, _ = requested_order(
+                    order_id=p.order_id, portfolio_id=event.portfolio_id, client_order_id=p.client_order_id,
+                    symbol=p.symbol, side=p.side, order_type=p.order_type, quantity=p.quantity, price=p.price,
+                    time_in_force=p.time_in_force, venue=p.venue, at=event.occurred_at,
+                    requested_by=p.requested_by, route=event.route, event_id=event.event_id,
+                )
+                record = msgspec.structs.replace(record, route=event.route)
+            continue
+        if record is None or event.event_type not in HANDLED:
+            continue
+        now[0] = event.occurred_at
+        try:
+            record = stage.apply(event, record, Commit(keys, keys.shard_of(event.portfolio_id)))
+        except PermanentError:
+            continue  # the live stage dead-lettered it too
+    return record

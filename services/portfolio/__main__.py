@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from services.core.hotstate import StateKeys
 from services.core.runtime import BatchFn, Service, main
+from services.core.settings import load
+from services.order.settings import OrderSettings
 from services.portfolio.stage import GROUP, HANDLED, PortfolioStage
 
 
 def build(service: Service) -> None:
     async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
-        return PortfolioStage(service.redis, StateKeys(service.bus.keys)).handle
+        fill_memory_s = load(OrderSettings).fill_memory_s
+        return PortfolioStage(service.redis, StateKeys(service.bus.keys), fill_memory_s=fill_memory_s).handle
 
     service.stage(GROUP, HANDLED, open_stage)
 

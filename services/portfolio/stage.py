@@ -9,7 +9,7 @@ balances after it). Positions net buys against sells at average cost
 
 Each ``fill_id`` is applied once, whatever arrives twice: the bus drops a repeated event id
 within its dedupe window, and the stage itself remembers the fill ids it applied to each order
-(``applied:<order_id>``, for ``FILL_MEMORY_S``), so the same fill under another event id, or
+(``applied:<order_id>``, for ``ZVT_ORDER_FILL_MEMORY_S``), so the same fill under another event id, or
 redelivered after the window, changes nothing.
 """
 
@@ -50,8 +50,8 @@ __all__ = ["FILL_MEMORY_S", "GROUP", "HANDLED", "PortfolioStage", "apply_fill_to
 log = get_logger("zvt.portfolio")
 
 FILL_MEMORY_S = 30 * 86_400
-"""How long the applied fill ids of an order are remembered (a venue reports a fill within
-minutes; reconciliation looks at orders younger than this)."""
+"""How long the applied fill ids of an order are remembered by default (a venue reports a fill
+within minutes; reconciliation looks at orders younger than this); ``ZVT_ORDER_FILL_MEMORY_S``."""
 
 GROUP = "portfolio"
 STAGE = "portfolio"
@@ -90,11 +90,15 @@ def apply_fill_to_balances(balances: dict[str, Decimal], fill: OrderExecuted) ->
 
 
 class PortfolioStage:
-    def __init__(self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(
+        self, redis: Any, state_keys: StateKeys, *, clock: Callable[[], dt.datetime] = utcnow,
+        fill_memory_s: int = FILL_MEMORY_S,
+    ) -> None:
         self.redis = redis
         self.reader = StateReader(redis)
         self.sk = state_keys
         self.clock = clock
+        self.fill_memory_s = fill_memory_s
 
     async def load(self, items: list[tuple[Event[Any], Commit]]) -> dict[str, _State]:
         """The balances and positions of the batch's portfolios and which of its fills were
@@ -152,7 +156,7 @@ class PortfolioStage:
         commit.write("HSET", self.sk.balances(pid), *[x for kv in sorted(changed.items()) for x in kv])
         applied = self.sk.applied_fills(pid, fill.order_id)
         commit.write("SADD", applied, fill.fill_id)
-        commit.write("EXPIRE", applied, FILL_MEMORY_S)
+        commit.write("EXPIRE", applied, self.fill_memory_s)
         commit.emit(
             event.derive(
                 PositionUpdated(

@@ -10,16 +10,24 @@ finds it so (within ``ZVT_RECORDER_POOL_TIMEOUT_S`` / ``ZVT_RECORDER_WRITE_TIMEO
 backoff, without spending the entries' delivery budget or dead-lettering them. ``/readyz``
 reports ``event_store: false`` meanwhile (a probe every ``ZVT_RECORDER_HEALTH_INTERVAL_S``).
 A recorder started while PostgreSQL is away waits for it, not ready, before it reads.
+
+With ``ZVT_BUS_WAIT_REPLICAS`` it copies a batch only once the Redis replicas have it
+(``replication_barrier``); until they do, the batch is held the same way.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+from redis.exceptions import RedisError
+
 from services.core.bus import Batch, Commit, Unavailable
 from services.core.events import Event, EventType, Route
+from services.core.redisconn import StartupError
+from services.core.replication import ReplicaWait, replication_barrier
 from services.core.runtime import Service, main
-from services.core.settings import load
+from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger
 from services.recorder.settings import RecorderSettings
 from services.recorder.store import EventStore, StoreUnavailable
@@ -46,6 +54,7 @@ class _Health:
 
 def build(service: Service) -> None:
     settings = load(RecorderSettings)
+    postgres = load(PostgresSettings)
     state: dict[str, EventStore] = {}
     health = _Health()
 
@@ -59,12 +68,19 @@ def build(service: Service) -> None:
                     settings.postgres_dsn, max_size=settings.pool_size, namespace=service.bus.settings.namespace,
                     timeout=settings.pool_timeout_s, connect_timeout=settings.connect_timeout_s,
                     reconnect_timeout=_reconnect_timeout(settings), open_timeout=settings.connect_timeout_s + 1,
+                    libpq=postgres.connect_kwargs(),
                 )
             except StoreUnavailable as exc:
                 health.mark(False, str(exc))
             else:
                 try:
-                    await store.migrate()
+                    await store.migrate(reader_role=settings.reader_role)
+                except psycopg.errors.UndefinedObject as exc:  # the reader role does not exist
+                    await store.close()
+                    raise StartupError(
+                        f"ZVT_RECORDER_READER_ROLE {settings.reader_role!r}: {exc}; create the role first "
+                        "(docs/operations.md, Secure the connections)"
+                    ) from None
                 except StoreUnavailable as exc:
                     await store.close()
                     health.mark(False, str(exc))
@@ -81,10 +97,23 @@ def build(service: Service) -> None:
         if "store" in state:
             await state["store"].close()
 
+    replica_wait = ReplicaWait.of(service.bus_settings)
+
     async def record(items: list[tuple[Event[Any], Commit]]) -> None:
         store = state.get("store")
         if store is None:
             raise Unavailable("event store not open")
+        if replica_wait is not None:
+            # Only what a failover cannot take back goes to the event store: with events
+            # a master acknowledged but its replica never got, a stage would handle their
+            # inputs again after the failover, maybe differently, and replay would differ.
+            assert service.redis is not None and service.bus is not None
+            try:
+                await replication_barrier(
+                    service.redis, replica_wait, service.bus.keys, (commit.shard for _, commit in items)
+                )
+            except RedisError as exc:
+                raise Unavailable(f"events not confirmed by the Redis replicas: {exc}") from exc
         try:
             await store.append([event for event, _ in items], timeout=settings.write_timeout_s)
         except StoreUnavailable as exc:

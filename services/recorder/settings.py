@@ -19,9 +19,19 @@ class RecorderSettings(BaseSettings):
     postgres_dsn: str = Field(
         "postgresql://zvt:zvt@127.0.0.1:15432/zvt",
         pattern=r"^postgres(ql)?://",
-        description="PostgreSQL of the event store (a secret in production: pass it by reference).",
+        description="PostgreSQL of the event store, as the role that owns its tables (a secret in production: "
+        "pass it by reference). TLS: `ZVT_POSTGRES_*` or `?sslmode=verify-full&sslrootcert=...`.",
     )
     pool_size: int = Field(4, ge=1, le=64, description="Connections to the event store.")
+    reader_role: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$",
+        description="An existing PostgreSQL role the recorder grants `SELECT` on the event store to at every "
+        "start, and nothing else: the gateway's (`ZVT_GATEWAY_POSTGRES_DSN` logs in as it), so the public API "
+        "can read the audit trail but never write it. Create the role first (docs/operations.md).",
+    )
     connect_timeout_s: int = Field(
         5,
         ge=2,

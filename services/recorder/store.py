@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -132,18 +133,22 @@ class EventStore:
         self.pool = pool
         self.namespace = namespace
         self._probe: tuple[str, int | None] = (pool.conninfo if isinstance(pool.conninfo, str) else "", None)
+        self._libpq: dict[str, str] = {}
 
     @classmethod
     async def open(
         cls, dsn: str, *, min_size: int = 1, max_size: int = 4, namespace: str = "zvt", timeout: float = 30.0,
         connect_timeout: int | None = None, reconnect_timeout: float = 300.0, open_timeout: float = 30.0,
+        libpq: Mapping[str, str] | None = None,
     ) -> EventStore:
         """A store over a new pool. ``timeout``: how long a call waits for a pooled connection;
         ``connect_timeout``: libpq's, for each new connection; ``reconnect_timeout``: how long
         the pool keeps retrying one lost connection in the background before it gives up and
         lets the next call start a fresh attempt (short: it notices a server back sooner);
-        ``open_timeout``: how long to wait for the first connection (else ``StoreUnavailable``)."""
-        kwargs: dict[str, Any] = {"autocommit": False}
+        ``open_timeout``: how long to wait for the first connection (else ``StoreUnavailable``);
+        ``libpq``: more connection parameters, winning over the DSN's (``sslmode``,
+        ``sslrootcert``... from ``PostgresSettings``)."""
+        kwargs: dict[str, Any] = {"autocommit": False, **(libpq or {})}
         if connect_timeout is not None:
             kwargs["connect_timeout"] = connect_timeout
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
@@ -159,19 +164,35 @@ class EventStore:
             raise
         store = cls(pool, namespace)
         store._probe = (dsn, connect_timeout)
+        store._libpq = dict(libpq or {})
         return store
 
     async def close(self) -> None:
         await self.pool.close()
 
-    async def migrate(self) -> list[int]:
-        """Apply the migrations not applied yet; returns the versions applied now."""
+    async def migrate(self, reader_role: str | None = None) -> list[int]:
+        """Apply the migrations not applied yet; returns the versions applied now.
+
+        ``reader_role``: an existing PostgreSQL role that may read the event store and nothing
+        else (the gateway's): granted ``SELECT`` on the events table, on every start (idempotent;
+        the table's owner may grant without any other privilege). The role itself, its login
+        and password are the database administrator's (docs/operations.md, PostgreSQL roles)."""
         try:
-            return await self._migrate()
+            applied = await self._migrate()
+            if reader_role is not None:
+                await self.grant_reader(reader_role)
+            return applied
         except Exception as exc:
             if is_unavailable(exc):
                 raise StoreUnavailable(f"event store unavailable: {type(exc).__name__}: {exc}") from exc
             raise
+
+    async def grant_reader(self, role: str) -> None:
+        """Let ``role`` read the events (``SELECT`` on ``zvt_events``), nothing more."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                sql.SQL("GRANT SELECT ON zvt_events TO {}").format(sql.Identifier(role))
+            )
 
     async def _migrate(self) -> list[int]:
         applied: list[int] = []
@@ -219,7 +240,8 @@ class EventStore:
             async with asyncio.timeout(timeout):
                 dsn, connect_timeout = self._probe
                 conn = await AsyncConnection.connect(
-                    dsn, autocommit=True, connect_timeout=connect_timeout or max(2, int(timeout))
+                    make_conninfo(dsn, **self._libpq), autocommit=True,
+                    connect_timeout=connect_timeout or max(2, int(timeout)),
                 )
                 async with conn:
                     await conn.execute("SELECT 1")
@@ -236,6 +258,23 @@ class EventStore:
     async def events_for_order(self, order_id: str, limit: int = 10_000) -> list[StoredEvent]:
         """The events of one order (of this store's namespace), in stored order."""
         return await self._select("namespace = %s AND order_id = %s", (self.namespace, order_id), limit)
+
+    async def events_for_orders(self, order_ids: Sequence[str], limit: int = 100_000) -> list[StoredEvent]:
+        """The events of several orders (of this store's namespace), in stored order."""
+        if not order_ids:
+            return []
+        return await self._select("namespace = %s AND order_id = ANY(%s)", (self.namespace, list(order_ids)), limit)
+
+    async def requests_of_portfolio(self, portfolio_id: str, before_seq: int | None = None, limit: int = 500
+                                    ) -> list[StoredEvent]:
+        """A portfolio's ``order.requested`` events (of this store's namespace), newest first,
+        from before ``before_seq`` on: the orders the API lists once Redis has let them go."""
+        where = "namespace = %s AND portfolio_id = %s AND event_type = 'order.requested'"
+        params: tuple[Any, ...] = (self.namespace, portfolio_id)
+        if before_seq is not None:
+            where += " AND seq < %s"
+            params = (*params, before_seq)
+        return await self._select(where, params, limit, descending=True)
 
     async def events_for_portfolio(self, portfolio_id: str, after_seq: int = 0, limit: int = 100_000) -> list[StoredEvent]:
         """A portfolio's events (of this store's namespace) in stored order, from ``after_seq`` on."""
@@ -257,10 +296,12 @@ class EventStore:
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 
-    async def _select(self, where: str, params: tuple[Any, ...], limit: int) -> list[StoredEvent]:
+    async def _select(self, where: str, params: tuple[Any, ...], limit: int, *, descending: bool = False
+                      ) -> list[StoredEvent]:
+        order = "seq DESC" if descending else "seq"
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM zvt_events WHERE {where} ORDER BY seq LIMIT %s", (*params, limit)
+                f"SELECT {_COLUMNS} FROM zvt_events WHERE {where} ORDER BY {order} LIMIT %s", (*params, limit)
             )
             rows = await cur.fetchall()
         return [StoredEvent(seq=row[0], recorded_at=row[2], event=decode_any(row[3].encode())) for row in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from services.core.bus import default_consumer_name
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
+from services.core.replication import ReplicaWait
 from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
 from services.routing.feed import PriceFeed
@@ -32,7 +33,7 @@ def build(service: Service) -> None:
         venues = build_venues(settings, service.redis, keys)
         stage = RoutingStage(
             service.redis, StateKeys(keys), Marks(service.redis, keys), venues,
-            health=VenueHealth(settings.breaker_cooldown_s),
+            health=VenueHealth(settings.breaker_cooldown_s), replica_wait=ReplicaWait.of(service.bus_settings),
         )
         await stage.start()
         stages.append(stage)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from services.core.bus import Commit
+from services.core.bus import Commit, Unavailable
 from services.core.events import (
     Event,
     EventType,
@@ -56,6 +56,7 @@ from services.core.events import (
 )
 from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateReader, dump, load
 from services.core.marks import Marks
+from services.core.replication import NotReplicated, ReplicaWait, run_replicated
 from services.core.telemetry import consumer_span, get_logger
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
@@ -149,8 +150,10 @@ class RoutingStage:
         clock: Callable[[], dt.datetime] = utcnow,
         health: VenueHealth | None = None,
         quotes: Quotes | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.redis = redis
+        self.replica_wait = replica_wait
         self.reader = StateReader(redis)
         self.sk = state_keys
         self.marks = marks
@@ -304,10 +307,13 @@ class RoutingStage:
             if isinstance(venue, PaperVenue):
                 if mark is not None and venue.mid(order.symbol) != mark:
                     venue.set_price(order.symbol, mark)
-            elif resumed is None:
+            elif resumed is None or self.replica_wait is not None:
                 # Written before the submit: a crash or an unresolved outcome sends the retry
                 # of this event to the same venue, to look the order up before anything else.
-                await self.redis.set(self._intent_key(pid, order.order_id), decision.venue, ex=INTENT_TTL_S)
+                # With ZVT_BUS_WAIT_REPLICAS an intent found by a retry is written (and waited
+                # for) again: the retry may be the one after its first WAIT failed, and the
+                # intent, as this order, may still be on the master only.
+                await self._write_intent(self._intent_key(pid, order.order_id), decision.venue)
             try:
                 placed = await self._submit(venue, request, resumed=resumed is not None)
             except (OrderRejected, InsufficientFunds) as exc:
@@ -419,6 +425,21 @@ class RoutingStage:
             except OrderNotFound:
                 pass  # the earlier attempt never landed: submit now
         return await venue.submit(request)
+
+    async def _write_intent(self, key: str, venue: str) -> None:
+        """The intent, and with ``ZVT_BUS_WAIT_REPLICAS`` the replicas' confirmation of it, before
+        the venue hears of the order: an intent lost in a failover would let the retry submit the
+        order again (to this venue, or another) instead of looking it up. Too few replicas:
+        ``Unavailable`` holds the whole read (no delivery counted) and it is retried with
+        backoff; nothing was sent to a venue, and the retry finds the intent if it was kept."""
+        if self.replica_wait is None:
+            await self.redis.set(key, venue, ex=INTENT_TTL_S)
+            return
+        (reply,) = await run_replicated(self.redis, self.replica_wait, [(key, ("SET", key, venue, "EX", INTENT_TTL_S))])
+        if isinstance(reply, NotReplicated):
+            raise Unavailable(f"route intent not confirmed by the Redis replicas: {reply}") from reply
+        if isinstance(reply, Exception):
+            raise reply
 
     def _clear_intent(self, commit: Commit, portfolio_id: str, order_id: str, venue: Venue) -> None:
         if not isinstance(venue, PaperVenue):

@@ -8,12 +8,14 @@ taking tasks and finishes the ones in hand.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 from typing import Any
 
 from hatchet_sdk.config import HealthcheckConfig
 
+from services.core.redisconn import RedisStartupError, open_checked
 from services.core.runtime import check_no_arguments
 from services.core.settings import BusSettings, CoreSettings, SettingsError, load
 from services.core.telemetry import get_logger, setup_logging, setup_tracing
@@ -34,6 +36,11 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+async def _check_redis(core: CoreSettings) -> None:
+    client = await open_checked(core)
+    await client.aclose()
+
+
 def main() -> None:
     check_no_arguments(NAME, __doc__ or "")
     try:
@@ -44,6 +51,11 @@ def main() -> None:
         if hatchet_settings.token is None:
             raise SettingsError("invalid setting ZVT_HATCHET_TOKEN: required by the workflows worker")
     except SettingsError as exc:
+        print(f"{NAME}: {exc.line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:  # a wrong password or a refused TLS handshake: one line, as every other service
+        asyncio.run(_check_redis(core))
+    except RedisStartupError as exc:
         print(f"{NAME}: {exc.line}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(core)

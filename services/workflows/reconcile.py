@@ -28,6 +28,10 @@ Two things are never taken as "the order is gone":
   the one routing placed the order at: it is never asked, and an order whose venue is one
   (or may be one) is left alone (``unverifiable`` in the result).
 
+The open orders are found through each shard's ``open-orders`` index, which the order stage
+keeps in the same commits as the records (added when created, removed when terminal), oldest
+first: never by scanning keys, so a run costs the open orders, not every order Redis holds.
+
 Corrections go through the order, portfolio and risk stages like any other event (``route:
 workflow``, ids derived from the order and what the venue reported), so a second run, or one
 racing a late venue report, changes nothing twice.
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from hatchet_sdk import Context, Hatchet
@@ -54,8 +58,7 @@ from services.core.events import (
     derive_event_id,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, RestingOrder, load
-from services.core.redisconn import scan_keys
+from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, load
 from services.core.telemetry import get_logger
 from services.risk.stage import HANDLED as RISK_HANDLED
 from services.trading.money import ZERO, money_context
@@ -73,7 +76,7 @@ from services.venues.base import (
 from services.workflows.contracts import RECONCILE
 from services.workflows.deps import Deps, deps_of
 
-__all__ = ["ReconcileInput", "corrections", "define_reconcile", "missing_fills", "venues_to_ask"]
+__all__ = ["ReconcileInput", "corrections", "define_reconcile", "missing_fills", "open_orders", "venues_to_ask"]
 
 log = get_logger("zvt.workflows.reconcile")
 STAGE = "reconcile"
@@ -222,6 +225,31 @@ async def _apply(deps: Deps, event: Event[Any]) -> None:
         await stages.run("risk", stages.risk.handle, event)
 
 
+async def open_orders(redis: Any, keys: StateKeys, cutoff: dt.datetime, *, page: int = 500
+                      ) -> AsyncIterator[OrderRecord]:
+    """The open orders that have not moved since ``cutoff``, shard by shard, oldest first, from
+    the shards' ``open-orders`` indexes (in one slot each). An order created after ``cutoff``
+    cannot qualify, so each index is read only up to it. A shard's ids are all read before its
+    first record is yielded: corrections applied meanwhile take orders out of the index."""
+    top = int(cutoff.timestamp() * 1000)
+    for shard in range(keys.keys.shards):
+        index = keys.open_orders(shard)
+        names: list[str] = []
+        while True:
+            ids: Any = await redis.zrangebyscore(index, "-inf", top, start=len(names), num=page)
+            names += [i.decode() if isinstance(i, bytes) else i for i in ids]
+            if len(ids) < page:
+                break
+        for i in range(0, len(names), page):
+            raws: Any = await redis.mget([keys.order_in_shard(shard, oid) for oid in names[i : i + page]])
+            for raw in raws:
+                if not raw:
+                    continue
+                record = load(OrderRecord, raw)
+                if record.status in _OPEN and record.updated_at <= cutoff:
+                    yield record
+
+
 def define_reconcile(hatchet: Hatchet, cron: str) -> Any:
     wf = hatchet.workflow(name=RECONCILE, input_validator=ReconcileInput, on_crons=[cron] if cron else [])
 
@@ -230,15 +258,9 @@ def define_reconcile(hatchet: Hatchet, cron: str) -> Any:
         deps = deps_of(ctx)
         cutoff = utcnow() - dt.timedelta(seconds=input.grace_s)
         checked, unverifiable, fixed = 0, 0, []
-        async for key in scan_keys(deps.redis, f"{deps.bus.keys.namespace}:{{*}}:order:*"):
+        async for record in open_orders(deps.redis, deps.stages.keys, cutoff):
             if checked >= input.limit:
                 break
-            raw: Any = await deps.redis.get(key)
-            if not raw:
-                continue
-            record = load(OrderRecord, raw)
-            if record.status not in _OPEN or record.updated_at > cutoff:
-                continue
             checked += 1
             held: Any = await deps.redis.hget(deps.stages.keys.resting(record.portfolio_id), record.order_id)
             resting = load(RestingOrder, held) if held else None

@@ -9,6 +9,8 @@ from services.core.bus import Bus, Commit
 from services.core.events import Event
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
+from services.core.replication import ReplicaWait
+from services.order.settings import OrderSettings
 from services.order.stage import OrderStage
 from services.portfolio.stage import PortfolioStage
 from services.core.settings import load
@@ -35,10 +37,11 @@ class Stages:
         self.bus = bus
         self.keys = sk
         self.risk = RiskStage(redis, sk, marks, market_slippage=load(RiskSettings).market_slippage)
-        self.order = OrderStage(redis, sk)
-        self.portfolio = PortfolioStage(redis, sk)
+        orders = load(OrderSettings)
+        self.order = OrderStage(redis, sk, terminal_retention_s=orders.terminal_retention_s)
+        self.portfolio = PortfolioStage(redis, sk, fill_memory_s=orders.fill_memory_s)
         self.venues = list(venues)
-        self.routing = RoutingStage(redis, sk, marks, self.venues)
+        self.routing = RoutingStage(redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings))
 
     async def start(self) -> None:
         await self.routing.start()

@@ -31,6 +31,8 @@ from services.core.settings import CoreSettings
 from tests.integration.conftest import ROOT, delete_namespace
 
 ADMIN = "admin-secret-for-the-process-01"
+METRICS_PORT = [0]
+"""The gateway process's probe port (ZVT_HTTP_PORT), where its /metrics is served."""
 
 
 def _free_port() -> int:
@@ -43,10 +45,11 @@ def _free_port() -> int:
 def gateway(redis_single_url: str, postgres_dsn: str) -> Iterator[str]:
     namespace = f"t{uuid.uuid4().hex[:10]}"
     port = _free_port()
+    METRICS_PORT[0] = _free_port()
     env = dict(os.environ)
     env.update({
         "ZVT_REDIS_URL": redis_single_url, "ZVT_BUS_NAMESPACE": namespace, "ZVT_BUS_SHARDS": "4",
-        "ZVT_HTTP_PORT": "0", "ZVT_LOG_LEVEL": "WARNING", "ZVT_GATEWAY_PORT": str(port),
+        "ZVT_HTTP_PORT": str(METRICS_PORT[0]), "ZVT_LOG_LEVEL": "WARNING", "ZVT_GATEWAY_PORT": str(port),
         "ZVT_GATEWAY_ADMIN_API_KEY": ADMIN, "ZVT_GATEWAY_POSTGRES_DSN": postgres_dsn, "PYTHONPATH": str(ROOT),
     })
     proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env,
@@ -93,7 +96,10 @@ def test_process_when_started_answers_probes_and_the_sync_client(gateway: str) -
         with pytest.raises(ApiError) as info:
             Client(gateway, "wrong").get_portfolio("proc-1")
         assert (info.value.status, info.value.code) == (401, "unauthorized")
-    assert "zvt_http_requests_total" in httpx.get(f"{gateway}/metrics").text
+    # metrics only on the probe port, never on the public API port
+    assert httpx.get(f"{gateway}/metrics").status_code == 404
+    assert "/metrics" not in httpx.get(f"{gateway}/openapi.json").json()["paths"]
+    assert "zvt_http_requests_total" in httpx.get(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics").text
 
 
 def test_openapi_when_fuzzed_answers_without_5xx_and_as_documented(gateway: str) -> None:

@@ -74,3 +74,21 @@ def test_bench_workflows_when_run_briefly_reports_both_paths_and_the_breakdown(
     assert data["runs"] > 0 and data["errors"] == 0 and data["fastpath_errors"] == 0
     assert 0 < data["p50_ms"] <= data["p99_ms"] and 0 < data["fastpath_p50_ms"] <= data["fastpath_p99_ms"]
     assert all(v is not None and v > 0 for v in data["task_body_p50_ms"].values())
+
+
+def test_soak_when_run_briefly_samples_memory_and_reports_both_slopes(tmp_path: Path) -> None:
+    result = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, "loadtest/soak.py", "--minutes", "0.35", "--rate", "50", "--retention-s", "4",
+         "--settle-s", "4", "--sample-s", "1", "--open-probe", "0", "--json", str(result)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert {"orders", "rate", "retention_s", "memory_slope_bytes_per_order_before_retention",
+            "memory_slope_bytes_per_order_after_retention", "samples"} <= set(data)
+    assert data["orders"] > 0 and data["rate"] == 50 and data["retention_s"] == 4
+    assert data["memory_slope_bytes_per_order_before_retention"] is not None
+    assert data["memory_slope_bytes_per_order_after_retention"] is not None
+    assert len(data["samples"]) >= 15 and all(s["used_memory"] > 0 and s["keys"] > 0 for s in data["samples"])
+    assert "events of namespace" in proc.stdout

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,13 @@ def test_service_process_when_redis_is_unreachable_logs_the_failure_without_the_
     assert PW not in output
 
 
-def test_recorder_process_when_dsn_is_malformed_logs_the_driver_error_without_the_password(tmp_path: Path) -> None:
+def test_recorder_process_when_dsn_is_malformed_logs_the_driver_error_without_the_password(
+    tmp_path: Path, redis_single_url: str
+) -> None:
     # libpq quotes the whole URI in this error, and psycopg's pool logs it on every attempt.
+    # (Redis must answer: a service that cannot use Redis stops before it opens the event store.)
     env = _env(
-        ZVT_REDIS_URL=f"redis://:{PW}@127.0.0.1:{_closed_port()}/0",
+        ZVT_REDIS_URL=redis_single_url, ZVT_BUS_NAMESPACE=f"t{uuid.uuid4().hex[:10]}",
         ZVT_RECORDER_POSTGRES_DSN=f"postgresql://zvt:{PW}@[::1/zvt",
     )
     code, output = _run([sys.executable, "-m", "services.recorder"], env, tmp_path, until="IPv6 host address")

@@ -21,7 +21,7 @@ from tests.k8s.conftest import CHART, CRDS, KUBE_VERSIONS, VALUES, Rendered, ren
 
 CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 CONSUMER_ROLES = {"stage", "consumer", "worker"}
-SECRET_ENV = re.compile(r"^ZVT_.*(TOKEN|DSN|SECRET|API_KEY)$")
+SECRET_ENV = re.compile(r"^ZVT_.*(TOKEN|DSN|SECRET|API_KEY|PASSWORD)$")
 
 
 # --- helm lint / template ---------------------------------------------------------------------
@@ -233,6 +233,23 @@ def test_secrets_when_rendered_are_only_references(rendered: Rendered) -> None:
     assert not [k for k in config if SECRET_ENV.match(k)]
 
 
+def test_config_when_rendered_waits_for_a_replica_and_is_valid_bus_settings(rendered: Rendered) -> None:
+    """A fleet on a Redis Cluster (with a replica per master) has an accepted order (and a route
+    intent) on a replica before the gateway answers 202 (docs/operations.md); the single-Redis
+    install without replicas turns it off."""
+    from services.core.replication import ReplicaWait
+    from services.core.settings import BusSettings
+
+    config = rendered.named("ConfigMap", "zvt-zvt-fleet-config")["data"]
+    settings = BusSettings(**{k[len("ZVT_BUS_"):].lower(): v for k, v in config.items() if k.startswith("ZVT_BUS_")})
+    wait = ReplicaWait.of(settings)
+    if config["ZVT_REDIS_CLUSTER"] == "true":
+        assert wait is not None and wait.replicas >= 1
+        assert wait.timeout_ms == int(config["ZVT_BUS_WAIT_TIMEOUT_MS"])
+    else:
+        assert wait is None
+
+
 def test_selectors_when_rendered_match_the_pods_they_are_for(rendered: Rendered) -> None:
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in rendered.of_kind("Deployment")]
 
@@ -280,6 +297,112 @@ def test_dashboard_when_rendered_is_json_with_queries(rendered: Rendered) -> Non
     assert dashboard["uid"] == "zvt-fleet" and len(exprs) >= 15
 
 
+# --- network and connections --------------------------------------------------------------------
+
+EGRESS_DESTINATIONS = {"dns", "redis", "postgres", "hatchet", "otel", "venues", "webhooks"}
+
+
+def _egress_policies(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    return {
+        p["metadata"]["labels"]["zvt.io/egress"]: p
+        for p in rendered.of_kind("NetworkPolicy") if "zvt.io/egress" in p["metadata"]["labels"]
+    }
+
+
+def _selects(policy: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"]
+    if any(pod_labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if pod_labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_network_policies_when_rendered_allow_egress_only_to_named_destinations(rendered: Rendered) -> None:
+    policies = rendered.of_kind("NetworkPolicy")
+    if rendered.values == "minimal-values.yaml":  # networkPolicy.enabled: false
+        assert not policies
+        return
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to"), f"{policy['metadata']['name']}: an egress rule without `to` allows every destination"
+            assert rule.get("ports"), f"{policy['metadata']['name']}: an egress rule without ports allows every port"
+            for peer in rule["to"]:
+                block = peer.get("ipBlock")
+                if block and block["cidr"] in ("0.0.0.0/0", "::/0"):
+                    # the internet, never the cluster's own networks or the cloud metadata endpoint
+                    assert {"10.0.0.0/8", "169.254.0.0/16"} <= set(block.get("except", [])), policy["metadata"]["name"]
+    egress = _egress_policies(rendered)
+    pods = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in rendered.of_kind("Deployment")}
+    # a destination only the disabled services need (webhooks: notifications) gets no policy
+    expected = EGRESS_DESTINATIONS - (set() if "notifications" in pods else {"webhooks"})
+    assert set(egress) == expected, sorted(egress)
+    reach = {name: {dest for dest, p in egress.items() if _selects(p, labels)} for name, labels in pods.items()}
+    for name, dests in reach.items():
+        assert {"dns", "redis", "otel"} <= dests, f"{name}: {dests}"
+        assert ("postgres" in dests) == (name in {"recorder", "gateway"}), f"{name}: {dests}"
+        assert ("hatchet" in dests) == (name in {"gateway", "workflows"}), f"{name}: {dests}"
+        assert ("venues" in dests) == (name in {"routing", "workflows"}), f"{name}: {dests}"
+        assert ("webhooks" in dests) == (name == "notifications"), f"{name}: {dests}"
+    ports = {dest: {p["port"] for r in pol["spec"]["egress"] for p in r["ports"]} for dest, pol in egress.items()}
+    assert ports["dns"] == {53} and ports["hatchet"] == {7070} and ports["otel"] == {4318}
+    assert ports["venues"] == ports.get("webhooks", {443}) == {443}
+
+
+def test_metrics_when_rendered_are_scraped_on_the_probe_port_not_the_api(rendered: Rendered) -> None:
+    for sm in rendered.of_kind("ServiceMonitor"):
+        assert [(e["port"], e["path"]) for e in sm["spec"]["endpoints"]] == [("http", "/metrics")]
+    gateway = rendered.named("Deployment", "zvt-zvt-fleet-gateway")
+    (c,) = gateway["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert ports["http"] != ports["api"] and env["ZVT_HTTP_PORT"] == str(ports["http"])
+
+
+def test_gateway_when_rendered_reads_the_event_store_as_the_reader_role(rendered: Rendered) -> None:
+    def dsn_ref(service: str, variable: str) -> dict[str, str]:
+        (c,) = rendered.named("Deployment", f"zvt-zvt-fleet-{service}")["spec"]["template"]["spec"]["containers"]
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == variable]
+        return dict(ref)
+
+    assert dsn_ref("gateway", "ZVT_GATEWAY_POSTGRES_DSN") == {"name": "zvt-postgres", "key": "reader-dsn"}
+    assert dsn_ref("recorder", "ZVT_RECORDER_POSTGRES_DSN") == {"name": "zvt-postgres", "key": "dsn"}
+    config = rendered.named("ConfigMap", "zvt-zvt-fleet-config")["data"]
+    assert config["ZVT_RECORDER_READER_ROLE"] == "zvt_reader"
+
+
+def test_tls_when_configured_mounts_each_ca_where_its_setting_points(rendered: Rendered) -> None:
+    config = rendered.named("ConfigMap", "zvt-zvt-fleet-config")["data"]
+    files = {k: v for k, v in config.items() if k.endswith(("_FILE", "_SSLROOTCERT"))}
+    if rendered.values != "full-values.yaml":
+        assert not files and config["ZVT_REDIS_TLS_CHECK_HOSTNAME"] == "true"
+        return
+    assert config["ZVT_REDIS_URL"].startswith("rediss://") and config["ZVT_POSTGRES_SSLMODE"] == "verify-full"
+    assert set(files) == {"ZVT_REDIS_TLS_CA_FILE", "ZVT_REDIS_TLS_CERT_FILE", "ZVT_REDIS_TLS_KEY_FILE",
+                          "ZVT_POSTGRES_SSLROOTCERT"}
+    sources = {"redis-ca": ("secret", "zvt-redis-ca"), "redis-client": ("secret", "zvt-redis-client"),
+               "postgres-ca": ("configMap", "zvt-postgres-ca")}
+    for where, spec in pod_specs(rendered):
+        if where.startswith("Pod/"):
+            continue  # the helm test talks HTTP only
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for name, (kind, source) in sources.items():
+            assert volumes[name][kind].get("secretName", volumes[name][kind].get("name")) == source, where
+        (c,) = spec["containers"]
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        for variable, path in files.items():
+            folder, key = path.rsplit("/", 1)
+            mount = mounts[folder]
+            assert mount["readOnly"] is True, f"{where}: {variable}"
+            items = volumes[mount["name"]].get("secret", volumes[mount["name"]].get("configMap", {})).get("items")
+            assert items is None or {"key": key, "path": key} in items, f"{where}: {variable} {path}"
+        env = {e["name"]: e for e in c["env"]}
+        assert env["ZVT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "zvt-redis", "key": "password"}
+
+
 # --- the chart refuses what would break ---------------------------------------------------------
 
 
@@ -292,6 +415,16 @@ def test_dashboard_when_rendered_is_json_with_queries(rendered: Rendered) -> Non
     (["--set", "services.risk.secretEnv.ZVT_X=nope"], '"nope" is not an entry of secrets'),
     (["--set", "services.order.autoscaling.trigger=queue"], "at '/services/order/autoscaling/trigger'"),
     (["--set", "services.risk.replicaz=3"], "additional properties 'replicaz' not allowed"),
+    (["--set", "bus.waitReplicas=-1"], "at '/bus/waitReplicas'"),
+    (["--set", "bus.waitTimeoutMs=0"], "at '/bus/waitTimeoutMs'"),
+    (["--set", "networkPolicy.egress.redis.to=null"], "at '/networkPolicy/egress/redis': missing property 'to'"),
+    (["--set-json", "networkPolicy.egress.redis.to=[]"], "at '/networkPolicy/egress/redis/to': minItems: got 0"),
+    (["--set-json", 'networkPolicy.egress.kafka={"enabled": true, "to": [], "ports": [{"port": 9092}]}'],
+     "at '/networkPolicy/egress/kafka/to': minItems: got 0"),
+    (["--set", "redis.tls.ca.secret=ca", "--set", "redis.tls.ca.configMap=ca"],
+     "redis.tls.ca: name either secret or configMap, not both"),
+    (["--set", "redis.tls.ca.secret=ca"], "redis.tls: a CA or client certificate needs a rediss:// redis.url"),
+    (["--set", "postgres.sslmode=verify"], "at '/postgres/sslmode'"),
 ])
 def test_template_when_values_are_wrong_fails_naming_the_problem(helm: Path, flags: list[str], message: str) -> None:
     proc = render(helm, "default", *flags)

@@ -45,6 +45,7 @@ BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "order_in_shard": ("order", ("order_id",)),
     "client_order": ("coid", ("portfolio_id", "client_order_id")),
     "orders": ("orders", ("portfolio_id",)),
+    "open_orders": ("open-orders", ()),
     "portfolio": ("portfolio", ("portfolio_id",)),
     "balances": ("balances", ("portfolio_id",)),
     "positions": ("positions", ("portfolio_id",)),

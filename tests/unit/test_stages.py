@@ -9,6 +9,7 @@ import datetime as dt
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 
 from services.core.bus import Commit, PermanentError
@@ -18,12 +19,14 @@ from services.core.events import (
     ExchangeRouted,
     Liquidity,
     OrderCanceled,
+    OrderCancelRequested,
     OrderExecuted,
     OrderRejected,
     OrderRequested,
     OrderType,
     OrderValidated,
     Side,
+    TimeInForce,
     TradingState,
 )
 from services.core.hotstate import (
@@ -33,10 +36,11 @@ from services.core.hotstate import (
     PositionRecord,
     StateKeys,
     new_order_id,
+    requested_order,
     shard_of_order_id,
 )
 from services.core.keys import Keys
-from services.order.stage import EXPIRED_REASON, OrderStage
+from services.order.stage import EXPIRED_REASON, OrderStage, rebuild_order
 from services.portfolio.stage import PortfolioStage, _State, apply_fill_to_balances
 from services.replay.ledger import compare, rebuild
 from services.risk.stage import PortfolioState, RiskStage
@@ -238,3 +242,23 @@ def test_ledger_when_fills_replayed_in_sequence_equals_the_live_fold() -> None:
     assert compare(rebuilt.positions, wrong) == ["pf BTC/USDT: quantity replayed 2 != live 3"]
     unapplied = rebuild(fills, updates[:1])
     assert any("never applied" in p for p in unapplied.problems)
+
+
+def test_rebuild_order_when_folded_from_stored_events_equals_what_the_stage_kept() -> None:
+    live, requested = requested_order(
+        order_id="o-1", portfolio_id="pf", client_order_id="c-1", symbol="BTC/USDT", side=Side.BUY,
+        order_type=OrderType.MARKET, quantity=D("2"), price=None, time_in_force=TimeInForce.GTC, venue=None, at=NOW,
+        requested_by="k-1",
+    )
+    later = [validated(), executed(1, "0.5", "1.5", "0.5"), executed(2, "1.5", "0", "2")]
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    for event in later:
+        live = stage.apply(event, live, commit_for("pf"))
+    assert live.status is OrderStatus.FILLED
+    cancel = Event.new(OrderCancelRequested(order_id="o-1", client_order_id="c-1", requested_by="k-1"), portfolio_id="pf")
+    # stored order: a repeat and events the order stage does not handle change nothing
+    rebuilt = rebuild_order([requested, later[0], later[1], later[1], cancel, later[2]], KEYS)
+    assert rebuilt is not None
+    assert rebuilt.updated_at == later[2].occurred_at  # the time of its last event
+    assert rebuilt == msgspec.structs.replace(live, updated_at=rebuilt.updated_at, body_hash="")
+    assert rebuild_order(later, KEYS) is None  # no request stored: not an order it can rebuild

@@ -134,3 +134,25 @@ sum(hatchet_tenant_queue_size{ {{- join ", " $sel -}} })
 sum(hatchet_tenant_queue_size)
 {{- end -}}
 {{- end -}}
+
+{{/* TLS material mounted into every service pod: (name, mount path, source) of each CA or
+client certificate configured; the chart refuses a CA named by both a Secret and a ConfigMap,
+and a CA for Redis without a rediss:// URL. */}}
+{{- define "zvt-fleet.tlsSources" -}}
+{{- $out := list -}}
+{{- range $what, $ca := dict "redis" .Values.redis.tls.ca "postgres" .Values.postgres.ca -}}
+{{- if and $ca.secret $ca.configMap -}}
+{{- fail (printf "%s: name either secret or configMap, not both" (ternary "redis.tls.ca" "postgres.ca" (eq $what "redis"))) -}}
+{{- end -}}
+{{- if or $ca.secret $ca.configMap -}}
+{{- $out = append $out (dict "name" (printf "%s-ca" $what) "path" (printf "/etc/zvt/tls/%s-ca" $what) "secret" $ca.secret "configMap" $ca.configMap "key" $ca.key) -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.redis.tls.clientCertSecret -}}
+{{- $out = append $out (dict "name" "redis-client" "path" "/etc/zvt/tls/redis-client" "secret" . "configMap" "" "key" "") -}}
+{{- end -}}
+{{- if and (or .Values.redis.tls.ca.secret .Values.redis.tls.ca.configMap .Values.redis.tls.clientCertSecret) (not (hasPrefix "rediss://" .Values.redis.url)) (not .Values.secrets.redisUrl.name) -}}
+{{- fail "redis.tls: a CA or client certificate needs a rediss:// redis.url (TLS)" -}}
+{{- end -}}
+{{- toJson (dict "sources" $out) -}}
+{{- end -}}
