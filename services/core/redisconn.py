@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
@@ -26,7 +27,7 @@ from services.core.redact import redact
 from services.core.settings import CoreSettings
 
 __all__ = [
-    "MAX_CONNECTIONS", "AnyRedis", "RedisStartupError", "ScriptBatcher", "StartupError", "connect", "connection_options",
+    "MAX_CONNECTIONS", "AnyRedis", "ConnectionGate", "RedisStartupError", "WaitingRedisCluster", "ScriptBatcher", "StartupError", "connect", "connection_options",
     "open_checked", "open_redis", "scan_keys", "startup_problem",
 ]
 
@@ -90,14 +91,67 @@ def connection_options(settings: CoreSettings) -> dict[str, Any]:
     return options
 
 
+class ConnectionGate:
+    """At most ``limit`` commands (or pipelines) of one client in flight; the next waits up to
+    ``timeout`` seconds for one to finish, then fails with a ``ConnectionError``.
+
+    A command or pipeline holds at most one connection per node, so this keeps every node's
+    pool of a cluster client within ``limit`` without redis-py's ``MaxConnectionsError`` at
+    once, as ``BlockingConnectionPool`` does for a single node."""
+
+    __slots__ = ("_semaphore", "limit", "timeout")
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self._semaphore = asyncio.Semaphore(limit)
+        self.limit = limit
+        self.timeout = timeout
+
+    async def __aenter__(self) -> None:
+        if not self._semaphore.locked():
+            await self._semaphore.acquire()  # free: no timer on the hot path
+            return
+        try:
+            await asyncio.wait_for(self._semaphore.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(
+                f"no free Redis connection within {self.timeout} s: all {self.limit} in use"
+            ) from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._semaphore.release()
+
+
+class WaitingRedisCluster(RedisCluster):
+    """A cluster client whose commands wait for a free connection (``ConnectionGate``)."""
+
+    def __init__(self, *args: Any, pool_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = ConnectionGate(kwargs.get("max_connections", MAX_CONNECTIONS), pool_timeout)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.gate:
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _WaitingPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _WaitingPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        gate: ConnectionGate = self.cluster_client.gate  # type: ignore[attr-defined]
+        async with gate:
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 def connect(settings: CoreSettings) -> AnyRedis:
     """A client for ``settings.redis_url``; the caller closes it with ``aclose()``.
 
-    On a single node, a command that finds all ``MAX_CONNECTIONS`` in use waits up to
-    ``ZVT_REDIS_POOL_TIMEOUT_S`` for one to come back (``BlockingConnectionPool``) instead of
-    failing at once with "too many connections". redis-py's cluster client has no blocking
-    pool: there each node's pool fails with ``MaxConnectionsError`` (a ``ConnectionError``)
-    when full, which the gateway answers 503 like any other Redis error.
+    A command that finds all ``MAX_CONNECTIONS`` in use waits up to ``ZVT_REDIS_POOL_TIMEOUT_S``
+    for one to come back instead of failing at once with "too many connections": on a single
+    node in ``BlockingConnectionPool``; on a cluster, whose nodes' pools cannot wait, in the
+    client's ``ConnectionGate``.
     """
     options = connection_options(settings)
     connection_class = HiredisPackingSSLConnection if settings.redis_tls else HiredisPackingConnection
@@ -105,8 +159,9 @@ def connect(settings: CoreSettings) -> AnyRedis:
         # from_url reads the URL's userinfo and query first; the settings' options win over them
         url_options = dict(parse_url(settings.redis_url))
         url_options.pop("connection_class", None)
-        cluster = RedisCluster(
+        cluster = WaitingRedisCluster(
             **{**url_options, **options},
+            pool_timeout=settings.redis_pool_timeout_s,
             ssl=settings.redis_tls,
             health_check_interval=0,
             max_connections=MAX_CONNECTIONS,  # per node

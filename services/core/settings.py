@@ -154,7 +154,7 @@ class CoreSettings(BaseSettings):
     redis_pool_timeout_s: float = Field(
         5.0, gt=0, le=60,
         description="How long a Redis command waits for a free connection when all 512 of the process's are in use "
-        "(single node), seconds; then it fails with a connection error.",
+        "(on a cluster: 512 commands in flight), seconds; then it fails with a connection error.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest log level written.")
     log_format: Literal["json", "console"] = Field("json", description="`json` for machines, `console` for people.")
