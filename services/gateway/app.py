@@ -654,7 +654,8 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.get(
         "/v1/workflows/{run_id}", summary="A workflow run: status and result", tags=["workflows"],
         responses={200: {"description": "The run: `workflow`, `status` (queued, running, completed, failed), "
-                                        "`result` or `error` and `step`"}, **_problems(404)},
+                                        "`result` or `error`, `step` (where it is, or where it failed) "
+                                        "and `steps` (each step's start, end and events)"}, **_problems(404)},
     )
     async def get_workflow(request: Request, run_id: str = Path(pattern=ID_PATTERN)) -> Response:
         caller = await principal(request)

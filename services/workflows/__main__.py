@@ -63,9 +63,9 @@ def main() -> None:
     log = get_logger("zvt.workflows")
     port = core.http_port or _free_port(core.http_host)
     health = HealthcheckConfig(enabled=True, port=port, bind_address=core.http_host)
-    hatchet = hatchet_client(hatchet_settings, health=health)
+    hatchet = hatchet_client(hatchet_settings, health=health, worker=True)
     workflows: list[Any] = [
-        define_place_order(hatchet, settings.portfolio_concurrency),
+        define_place_order(hatchet),
         define_rebalance(hatchet),
         define_risk_monitor(hatchet, settings.risk_monitor_cron),
         define_market_data(hatchet),

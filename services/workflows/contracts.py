@@ -16,15 +16,15 @@ RECONCILE = "orders.reconcile"
 
 class PlaceOrderInput(BaseModel):
     """One order for the durable path: its ``order.requested`` event, as the gateway wrote it
-    (JSON, route ``workflow``), and the portfolio, the concurrency key."""
+    (JSON, route ``workflow``), and its portfolio."""
 
     portfolio_id: str
     order_id: str
     event: str
     faults: dict[str, int] = Field(
         default_factory=dict,
-        description="task name -> how many of its attempts fail on purpose (honoured only by a worker "
-        "with ZVT_WORKFLOWS_FAULTS_ENABLED, for tests)",
+        description="step name -> how many of the task's attempts fail on purpose at that step (honoured "
+        "only by a worker with ZVT_WORKFLOWS_FAULTS_ENABLED, for tests)",
     )
 
 

@@ -1,27 +1,39 @@
-"""``trading.place_order``: the seed's five steps as Hatchet tasks, each calling a stream stage.
+"""``trading.place_order``: the seed's five steps, run in order inside one Hatchet task.
 
 ``validate_request → check_risk_limits → create_order_record → execute_order → update_portfolio``
 
 The gateway writes the order's record and its ``order.requested`` (route ``workflow``) in one
 script, as on the fast path, and starts the run; stream stages skip workflow events, so only
-this run acts on the order. Each task hands the events of the step before to a stage
-(``Stages.run``), whose commit is idempotent: a task retried after its commit, or a run
-started twice, changes nothing twice. The on-failure task fails an order that never reached
-a venue (``order.failed``), which releases what risk had reserved, and emits
-``workflow.failed``.
+this run acts on the order. Each step hands the events of the step before to a stage
+(``Stages.run``), whose commit is idempotent: a task retried after a crash or an error runs
+its steps again from the first, and every step already committed writes nothing and hands
+back the events of its first commit, so the run resumes after its last committed step.
+
+One task instead of one task per step: each engine hop costs tens of milliseconds (queue
+messages and transactions in the engine), more than the five step bodies together, and the
+durability comes from the stages' commits, not from the hop. No concurrency key either: the
+state version in ``Bus.apply`` already keeps two runs of one portfolio from overwriting each
+other, and a key sends every run through the engine's polled concurrency path.
+
+Each step's start, end, duration and the events it emitted are written to the run's record
+(``GET /v1/workflows/{run_id}``, field ``steps``) as it goes, and are in the run's result and
+in ``workflow.completed``. The on-failure task fails an order that never reached a venue
+(``order.failed``), which releases what risk had reserved, and emits ``workflow.failed``
+naming the step that failed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hatchet_sdk import ConcurrencyExpression, ConcurrencyLimitStrategy, Context, Hatchet
+from hatchet_sdk import Context, Hatchet
 from hatchet_sdk.exceptions import NonRetryableException
 
 from services.core.bus import PermanentError
-from services.core.codec import decode_any, encode
+from services.core.codec import decode_any
 from services.core.events import (
     Event,
     EventType,
@@ -29,31 +41,25 @@ from services.core.events import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
+    utcnow,
 )
 from services.core.hotstate import OrderRecord, load
 from services.core.telemetry import get_logger
 from services.trading.orders import OrderStatus
 from services.workflows.contracts import PLACE_ORDER, PlaceOrderInput
 from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
-from services.workflows.runs import RunStatus
+from services.workflows.runs import RunStatus, StepRecord
 
-__all__ = ["define_place_order"]
+__all__ = ["STEPS", "define_place_order"]
 
 log = get_logger("zvt.workflows.place_order")
 STAGE = "workflow"
 FAILURE_STAGE = "workflow-failure"
+STEPS = ("validate_request", "check_risk_limits", "create_order_record", "execute_order", "update_portfolio")
 _ROUTING_OUTPUTS = (EventType.EXCHANGE_ROUTED, EventType.ORDER_EXECUTED, EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
 _RELEASES = (EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
 
-
-def _events(output: Any) -> list[Event[Any]]:
-    return [decode_any(e.encode()) for e in output["events"]]
-
-
-def _out(events: list[Event[Any]], started: float) -> dict[str, Any]:
-    """A task's output: the events it emitted, and how long its body took (benchmarks split a
-    run's latency into task bodies and the engine's dispatch between them)."""
-    return {"events": [encode(e).decode() for e in events], "ms": round((time.perf_counter() - started) * 1000, 3)}
+Step = Callable[[list[Event[Any]]], Awaitable[list[Event[Any]]]]
 
 
 async def _record(deps: Deps, event: Event[Any]) -> OrderRecord | None:
@@ -72,99 +78,117 @@ def _summary(record: OrderRecord) -> dict[str, Any]:
     }
 
 
-def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
-    wf = hatchet.workflow(
-        name=PLACE_ORDER,
-        input_validator=PlaceOrderInput,
-        concurrency=ConcurrencyExpression(
-            expression="input.portfolio_id",
-            max_runs=portfolio_concurrency,
-            limit_strategy=ConcurrencyLimitStrategy.GROUP_ROUND_ROBIN,
-        ),
-    )
+async def _stage(run: Awaitable[list[Event[Any]]]) -> list[Event[Any]]:
+    """A stage's permanent refusal is not worth retrying."""
+    try:
+        return await run
+    except PermanentError as exc:
+        raise NonRetryableException(str(exc)) from exc
 
-    @wf.task(execution_timeout=dt.timedelta(seconds=5), schedule_timeout=dt.timedelta(seconds=30))
-    async def validate_request(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
-        started = time.perf_counter()
-        deps = deps_of(ctx)
-        inject_fault(deps, input.faults, "validate_request", ctx)
-        event = decode_any(input.event.encode())
-        if event.event_type is not EventType.ORDER_REQUESTED or event.payload.order_id != input.order_id:
-            raise NonRetryableException(f"input is not the order.requested of order {input.order_id}")
-        if event.portfolio_id != input.portfolio_id:
-            raise NonRetryableException("input portfolio_id differs from the event's")
-        record = await _record(deps, event)
-        if record is None:
-            raise NonRetryableException(f"order {input.order_id} has no record (the gateway writes it first)")
-        await deps.runs.running(ctx.workflow_run_id, PLACE_ORDER, event.portfolio_id, event.correlation_id)
-        await deps.bus.publish(event.derive(
-            WorkflowStarted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, input={"order_id": input.order_id}),
-            STAGE,
+
+class _Steps:
+    """Runs the steps of one attempt in order, recording each one's start and end on the run."""
+
+    def __init__(self, deps: Deps, ctx: Context, input: PlaceOrderInput) -> None:
+        self.deps = deps
+        self.ctx = ctx
+        self.input = input
+        self.records: list[StepRecord] = []
+
+    async def run(self, name: str, body: Step, events: list[Event[Any]]) -> list[Event[Any]]:
+        started_at, started = utcnow(), time.perf_counter()
+        previous = self.records[-1] if self.records else None
+        # one write: the step before ended, this one started
+        await self.deps.runs.step(self.ctx.workflow_run_id, ended=previous, started=name, at=started_at)
+        inject_fault(self.deps, self.input.faults, name, self.ctx)
+        try:
+            emitted = await body(events)
+        except NonRetryableException as exc:
+            raise NonRetryableException(f"{name}: {exc}") from exc
+        except Exception as exc:
+            raise StepFailed(f"{name}: {type(exc).__name__}: {exc}") from exc
+        self.records.append(StepRecord(
+            name=name, started_at=started_at, ended_at=utcnow(),
+            ms=round((time.perf_counter() - started) * 1000, 3), events=[str(e.event_type) for e in emitted],
         ))
-        return _out([event], started)
+        return emitted
 
-    @wf.task(parents=[validate_request], execution_timeout=dt.timedelta(seconds=10), retries=3,
+
+class StepFailed(RuntimeError):
+    """A step's error, with the step's name in front (the task is retried)."""
+
+
+def define_place_order(hatchet: Hatchet) -> Any:
+    wf = hatchet.workflow(name=PLACE_ORDER, input_validator=PlaceOrderInput)
+
+    @wf.task(execution_timeout=dt.timedelta(seconds=45), schedule_timeout=dt.timedelta(seconds=30), retries=3,
              backoff_factor=2.0, backoff_max_seconds=5)
-    async def check_risk_limits(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
-        started = time.perf_counter()
+    async def place_order(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
-        inject_fault(deps, input.faults, "check_risk_limits", ctx)
-        (requested,) = _events(ctx.task_output(validate_request))
-        return _out(await _stage(deps.stages.run("risk", deps.stages.risk.handle, requested)), started)
-
-    @wf.task(parents=[check_risk_limits], execution_timeout=dt.timedelta(seconds=5), retries=3)
-    async def create_order_record(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
-        started = time.perf_counter()
-        deps = deps_of(ctx)
-        inject_fault(deps, input.faults, "create_order_record", ctx)
-        emitted: list[Event[Any]] = []
-        for event in _events(ctx.task_output(check_risk_limits)):
-            if event.event_type in (EventType.ORDER_VALIDATED, EventType.ORDER_REJECTED):
-                emitted += await _stage(deps.stages.run("order", deps.stages.order.handle, event))
-        return _out(emitted, started)
-
-    @wf.task(parents=[create_order_record], execution_timeout=dt.timedelta(seconds=15), retries=3,
-             backoff_factor=2.0, backoff_max_seconds=5)
-    async def execute_order(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
-        started = time.perf_counter()
-        deps = deps_of(ctx)
-        inject_fault(deps, input.faults, "execute_order", ctx)
-        emitted: list[Event[Any]] = []
-        for event in _events(ctx.task_output(create_order_record)):
-            if event.event_type is EventType.ORDER_CREATED:
-                # never blindly twice: a retry after the commit gets the first outcome back
-                emitted += await _stage(deps.stages.run("routing", deps.stages.routing.handle, event))
-        return _out(emitted, started)
-
-    @wf.task(parents=[execute_order], execution_timeout=dt.timedelta(seconds=10), retries=3)
-    async def update_portfolio(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
-        started = time.perf_counter()
-        deps = deps_of(ctx)
-        inject_fault(deps, input.faults, "update_portfolio", ctx)
         stages = deps.stages
-        emitted: list[Event[Any]] = []
-        for event in _events(ctx.task_output(execute_order)):
-            if event.event_type in _ROUTING_OUTPUTS:
-                emitted += await _stage(stages.run("order", stages.order.handle, event))
-            if event.event_type is EventType.ORDER_EXECUTED:
-                applied = await _stage(stages.run("portfolio", stages.portfolio.handle, event))
-                emitted += applied
-                # risk lets go of a fill's funds once the portfolio has debited them
-                for update in applied:
-                    if update.event_type is EventType.POSITION_UPDATED:
-                        emitted += await _stage(stages.run("risk", stages.risk.handle, update))
-            if event.event_type in _RELEASES:
-                emitted += await _stage(stages.run("risk", stages.risk.handle, event))
-        (requested,) = _events(ctx.task_output(validate_request))
+        steps = _Steps(deps, ctx, input)
+
+        async def validate_request(_: list[Event[Any]]) -> list[Event[Any]]:
+            event = decode_any(input.event.encode())
+            if event.event_type is not EventType.ORDER_REQUESTED or event.payload.order_id != input.order_id:
+                raise NonRetryableException(f"input is not the order.requested of order {input.order_id}")
+            if event.portfolio_id != input.portfolio_id:
+                raise NonRetryableException("input portfolio_id differs from the event's")
+            if await _record(deps, event) is None:
+                raise NonRetryableException(f"order {input.order_id} has no record (the gateway writes it first)")
+            await deps.runs.running(ctx.workflow_run_id, PLACE_ORDER, event.portfolio_id, event.correlation_id)
+            await deps.bus.publish(event.derive(
+                WorkflowStarted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, input={"order_id": input.order_id}),
+                STAGE,
+            ))
+            return [event]
+
+        async def check_risk_limits(events: list[Event[Any]]) -> list[Event[Any]]:
+            (requested,) = events
+            return await _stage(stages.run("risk", stages.risk.handle, requested))
+
+        async def create_order_record(events: list[Event[Any]]) -> list[Event[Any]]:
+            emitted: list[Event[Any]] = []
+            for event in events:
+                if event.event_type in (EventType.ORDER_VALIDATED, EventType.ORDER_REJECTED):
+                    emitted += await _stage(stages.run("order", stages.order.handle, event))
+            return emitted
+
+        async def execute_order(events: list[Event[Any]]) -> list[Event[Any]]:
+            emitted: list[Event[Any]] = []
+            for event in events:
+                if event.event_type is EventType.ORDER_CREATED:
+                    # never blindly twice: a retry after the commit gets the first outcome back
+                    emitted += await _stage(stages.run("routing", stages.routing.handle, event))
+            return emitted
+
+        async def update_portfolio(events: list[Event[Any]]) -> list[Event[Any]]:
+            emitted: list[Event[Any]] = []
+            for event in events:
+                if event.event_type in _ROUTING_OUTPUTS:
+                    emitted += await _stage(stages.run("order", stages.order.handle, event))
+                if event.event_type is EventType.ORDER_EXECUTED:
+                    applied = await _stage(stages.run("portfolio", stages.portfolio.handle, event))
+                    emitted += applied
+                    # risk lets go of a fill's funds once the portfolio has debited them
+                    for update in applied:
+                        if update.event_type is EventType.POSITION_UPDATED:
+                            emitted += await _stage(stages.run("risk", stages.risk.handle, update))
+                if event.event_type in _RELEASES:
+                    emitted += await _stage(stages.run("risk", stages.risk.handle, event))
+            return emitted
+
+        (requested,) = events = await steps.run("validate_request", validate_request, [])
+        for name, body in (("check_risk_limits", check_risk_limits), ("create_order_record", create_order_record),
+                           ("execute_order", execute_order), ("update_portfolio", update_portfolio)):
+            events = await steps.run(name, body, events)
         record = await _record(deps, requested)
-        assert record is not None
+        if record is None:  # retention is hours; a run never outlives it
+            raise NonRetryableException(f"order {input.order_id} has no record after its run")
         result = _summary(record)
-        earlier = {"validate_request": validate_request, "check_risk_limits": check_risk_limits,
-                   "create_order_record": create_order_record, "execute_order": execute_order}
-        task_ms = {name: ctx.task_output(task)["ms"] for name, task in earlier.items()}
-        task_ms["update_portfolio"] = round((time.perf_counter() - started) * 1000, 3)
-        result["task_ms"] = task_ms
-        await deps.runs.completed(ctx.workflow_run_id, result)
+        result["task_ms"] = {s.name: s.ms for s in steps.records}
+        result["steps"] = [s.public() for s in steps.records]
+        await deps.runs.completed(ctx.workflow_run_id, result, last=steps.records[-1])
         await deps.bus.publish(requested.derive(
             WorkflowCompleted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, result=result), STAGE, index=1,
         ))
@@ -173,7 +197,9 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
     @wf.on_failure_task(execution_timeout=dt.timedelta(seconds=15), retries=3)
     async def on_failure(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
-        step, error = failure_of(ctx)
+        _, error = failure_of(ctx)
+        run = await deps.runs.get(ctx.workflow_run_id)
+        step = run.step if run is not None and run.step in STEPS else None
         requested = decode_any(input.event.encode())
         record = await _record(deps, requested)
         released = False
@@ -200,12 +226,3 @@ def define_place_order(hatchet: Hatchet, portfolio_concurrency: int) -> Any:
         return {"status": RunStatus.FAILED, "step": step, "order_failed": released}
 
     return wf
-
-
-async def _stage(run: Any) -> list[Event[Any]]:
-    """A stage's permanent refusal is not worth retrying."""
-    try:
-        result: list[Event[Any]] = await run
-    except PermanentError as exc:
-        raise NonRetryableException(str(exc)) from exc
-    return result

@@ -12,7 +12,7 @@ import msgspec
 from services.core.events import utcnow
 from services.core.keys import Keys
 
-__all__ = ["RunStatus", "RunStore", "WorkflowRun"]
+__all__ = ["RunStatus", "RunStore", "StepRecord", "WorkflowRun"]
 
 RETENTION_S = 7 * 86_400
 
@@ -22,6 +22,30 @@ class RunStatus:
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a run, as far as it got: ``ended_at`` and ``ms`` once it has ended, and the
+    types of the events it emitted (its result)."""
+
+    name: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None = None
+    ms: float | None = None
+    events: list[str] | None = None
+
+    @property
+    def status(self) -> str:
+        return "completed" if self.ended_at is not None else "running"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "status": self.status, "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None, "ms": self.ms, "events": self.events,
+        }
+
+
+_STEP = "step."  # a run's hash field per step: step.<name> -> the step's record (JSON)
 
 
 class WorkflowRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +59,7 @@ class WorkflowRun(msgspec.Struct, frozen=True, kw_only=True):
     result: dict[str, Any] | None = None
     error: str | None = None
     step: str | None = None
+    steps: list[dict[str, Any]] | None = None
 
 
 class RunStore:
@@ -60,10 +85,19 @@ class RunStore:
         }, only_new=True)
         await self._set(run_id, {"status": RunStatus.RUNNING, "updated_at": now}, unless_final=True)
 
-    async def completed(self, run_id: str, result: dict[str, Any]) -> None:
-        await self._set(run_id, {
-            "status": RunStatus.COMPLETED, "result": json.dumps(result), "updated_at": utcnow().isoformat(),
-        })
+    async def step(self, run_id: str, *, ended: StepRecord | None, started: str, at: dt.datetime) -> None:
+        """In one write: ``ended`` (the step before) is over, step ``started`` began at ``at``."""
+        fields = {"step": started, _STEP + started: _step_json(StepRecord(name=started, started_at=at)),
+                  "updated_at": at.isoformat()}
+        if ended is not None:
+            fields[_STEP + ended.name] = _step_json(ended)
+        await self._set(run_id, fields, unless_final=True)
+
+    async def completed(self, run_id: str, result: dict[str, Any], *, last: StepRecord | None = None) -> None:
+        fields = {"status": RunStatus.COMPLETED, "result": json.dumps(result), "updated_at": utcnow().isoformat()}
+        if last is not None:
+            fields[_STEP + last.name] = _step_json(last)
+        await self._set(run_id, fields)
 
     async def failed(self, run_id: str, error: str, step: str | None) -> None:
         await self._set(run_id, {
@@ -85,6 +119,7 @@ class RunStore:
             updated_at=dt.datetime.fromisoformat(fields.get("updated_at", fields["created_at"])),
             result=json.loads(fields["result"]) if fields.get("result") else None,
             error=fields.get("error") or None, step=fields.get("step") or None,
+            steps=_steps(fields),
         )
 
     async def _set(self, run_id: str, fields: dict[str, str], *, only_new: bool = False, unless_final: bool = False) -> None:
@@ -94,8 +129,20 @@ class RunStore:
         elif unless_final:
             await self.redis.eval(_SET_UNLESS_FINAL, 1, key, RETENTION_S, *[x for kv in fields.items() for x in kv])
         else:
-            await self.redis.hset(key, mapping=fields)
-            await self.redis.expire(key, RETENTION_S)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, RETENTION_S)
+            await pipe.execute()
+
+
+def _step_json(record: StepRecord) -> str:
+    return json.dumps(record.public())
+
+
+def _steps(fields: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The steps a run has recorded, in the order they started."""
+    steps = [json.loads(v) for k, v in fields.items() if k.startswith(_STEP)]
+    return sorted(steps, key=lambda s: s["started_at"]) or None
 
 
 _SET_NEW = """

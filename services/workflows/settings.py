@@ -37,9 +37,6 @@ class WorkflowSettings(BaseSettings):
 
     slots: int = Field(50, ge=1, le=10_000, description="Tasks one worker runs at once.")
     worker_name: str = Field("zvt-workflows", min_length=1, max_length=100, description="The worker's name in Hatchet.")
-    portfolio_concurrency: int = Field(
-        1, ge=1, le=100, description="`trading.place_order` runs at once per portfolio (the concurrency key)."
-    )
     risk_monitor_cron: str = Field(
         "* * * * *", description="When `risk.monitor` runs (cron, UTC); empty: only when started by hand."
     )

@@ -33,6 +33,7 @@ from services.workflows.client import hatchet_client
 from services.workflows.contracts import MARKET_DATA, RECONCILE, RISK_MONITOR
 from services.workflows.reconcile import ReconcileInput
 from services.workflows.monitor import MarketSnapshot
+from services.workflows.place_order import STEPS
 from services.workflows.settings import HatchetSettings
 from tests.e2e.conftest import SHARDS, stack_env
 from tests.integration.conftest import Target, delete_namespace
@@ -152,6 +153,16 @@ async def test_durable_order_through_the_gateway_fills_and_reads_like_the_fast_p
     run = await c.workflow(run_id)
     assert run["status"] == "completed" and run["result"]["status"] == "filled"
     assert run["portfolio_id"] == "pf-w"
+    # the five steps, each with its start, end and result, in the run and in its output
+    assert [s["name"] for s in run["steps"]] == list(STEPS)
+    for step in run["steps"]:
+        assert step["status"] == "completed" and step["ended_at"] >= step["started_at"] and step["ms"] >= 0, step
+    by_name = {s["name"]: s for s in run["steps"]}
+    assert by_name["check_risk_limits"]["events"] == ["order.validated"]
+    assert by_name["create_order_record"]["events"] == ["order.created"]
+    assert "order.executed" in by_name["execute_order"]["events"]
+    assert "position.updated" in by_name["update_portfolio"]["events"]
+    assert [s["name"] for s in run["result"]["steps"]] == list(STEPS)
 
 
 async def test_a_task_that_fails_once_succeeds_on_retry(durable: Durable) -> None:
@@ -167,7 +178,7 @@ async def test_retries_exhausted_fail_the_order_and_release_its_reservation(dura
     await durable.client.put_portfolio("pf-x", balances=FUNDS)
     order_id, run_id = await start_with_faults(durable, "pf-x", {"execute_order": 10})
     run = await finished_run(durable, run_id, timeout=120)
-    assert run["status"] == "failed" and run["step"] and "execute_order" in run["error"], run
+    assert run["status"] == "failed" and run["step"] == "execute_order" and "execute_order" in run["error"], run
     got = await durable.client.get_order(order_id)
     assert got.status == "failed" and not got.fills
     assert await reservations(durable, "pf-x") == {}
@@ -189,8 +200,18 @@ async def test_worker_killed_mid_place_order_completes_on_a_second_worker_withou
         assert time.monotonic() < deadline, "the run never reached execute_order"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # inside the venue call
+    mid = await d.client.workflow(run_id)
+    assert mid["status"] == "running" and mid["step"] == "execute_order", mid
+    assert [s["name"] for s in mid["steps"]] == list(STEPS[:4]) and mid["steps"][-1]["status"] == "running", mid
+    helpers = _children(slow.popen.pid)  # the SDK's action-listener process, at least
+    assert helpers, "the worker has no child processes"
     d.fleet.kill("workflows")
     assert not slow.alive
+    # none outlives it: a listener left behind would keep taking the run's retries and never run them
+    deadline = time.monotonic() + 10
+    while alive := {pid for pid in helpers if _exists(pid)}:
+        assert time.monotonic() < deadline, f"processes of the killed worker still running: {alive}"
+        await asyncio.sleep(0.1)
     d.fleet.start(["workflows"], env={"ZVT_ROUTING_PAPER_LATENCY_MS": "0"})  # a healthy worker takes it over
     run = await finished_run(d, run_id, timeout=150)
     assert run["status"] == "completed", run
@@ -209,6 +230,27 @@ async def test_worker_killed_mid_place_order_completes_on_a_second_worker_withou
     fills = [e["payload"]["fill_id"] for e in trail if e["event_type"] == "order.executed"]
     assert len(fills) == len(set(fills)) == 1
     assert sum(e["event_type"] == "order.created" for e in trail) == 1
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def _exists(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def positions_of(d: Durable, pid: str) -> dict[str, Decimal]:
