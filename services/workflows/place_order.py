@@ -24,9 +24,10 @@ naming the step that failed.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from hatchet_sdk import Context, Hatchet
@@ -87,19 +88,29 @@ async def _stage(run: Awaitable[list[Event[Any]]]) -> list[Event[Any]]:
 
 
 class _Steps:
-    """Runs the steps of one attempt in order, recording each one's start and end on the run."""
+    """Runs the steps of one attempt in order, recording each one's start and end on the run.
 
-    def __init__(self, deps: Deps, ctx: Context, input: PlaceOrderInput) -> None:
+    The records are written behind the steps, one write at a time and in order, so a step
+    never waits for its own bookkeeping; ``flush`` waits for them before the run's end is
+    written. They are progress for people: a write that fails is logged, not retried."""
+
+    def __init__(self, deps: Deps, ctx: Context, input: PlaceOrderInput, requested: Event[Any]) -> None:
         self.deps = deps
         self.ctx = ctx
         self.input = input
+        self.requested = requested
         self.records: list[StepRecord] = []
+        self._writes: asyncio.Task[None] | None = None
 
     async def run(self, name: str, body: Step, events: list[Event[Any]]) -> list[Event[Any]]:
         started_at, started = utcnow(), time.perf_counter()
         previous = self.records[-1] if self.records else None
-        # one write: the step before ended, this one started
-        await self.deps.runs.step(self.ctx.workflow_run_id, ended=previous, started=name, at=started_at)
+        runs, run_id = self.deps.runs, self.ctx.workflow_run_id
+        if previous is None:
+            self._write(runs.running(run_id, PLACE_ORDER, self.requested.portfolio_id, self.requested.correlation_id,
+                                     step=name, at=started_at))
+        else:  # one write: the step before ended, this one started
+            self._write(runs.step(run_id, ended=previous, started=name, at=started_at))
         inject_fault(self.deps, self.input.faults, name, self.ctx)
         try:
             emitted = await body(events)
@@ -112,6 +123,23 @@ class _Steps:
             ms=round((time.perf_counter() - started) * 1000, 3), events=[str(e.event_type) for e in emitted],
         ))
         return emitted
+
+    def _write(self, write: Coroutine[Any, Any, None]) -> None:
+        before = self._writes
+
+        async def in_order() -> None:
+            if before is not None:
+                await before
+            try:
+                await write
+            except Exception as exc:
+                log.warning("a step's progress was not recorded", run_id=self.ctx.workflow_run_id, error=repr(exc))
+
+        self._writes = asyncio.create_task(in_order())
+
+    async def flush(self) -> None:
+        if self._writes is not None:
+            await self._writes
 
 
 class StepFailed(RuntimeError):
@@ -126,17 +154,19 @@ def define_place_order(hatchet: Hatchet) -> Any:
     async def place_order(input: PlaceOrderInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
         stages = deps.stages
-        steps = _Steps(deps, ctx, input)
+        try:
+            event = decode_any(input.event.encode())
+        except Exception as exc:
+            raise NonRetryableException(f"validate_request: input event does not decode: {exc}") from exc
+        steps = _Steps(deps, ctx, input, event)
 
         async def validate_request(_: list[Event[Any]]) -> list[Event[Any]]:
-            event = decode_any(input.event.encode())
             if event.event_type is not EventType.ORDER_REQUESTED or event.payload.order_id != input.order_id:
                 raise NonRetryableException(f"input is not the order.requested of order {input.order_id}")
             if event.portfolio_id != input.portfolio_id:
                 raise NonRetryableException("input portfolio_id differs from the event's")
             if await _record(deps, event) is None:
                 raise NonRetryableException(f"order {input.order_id} has no record (the gateway writes it first)")
-            await deps.runs.running(ctx.workflow_run_id, PLACE_ORDER, event.portfolio_id, event.correlation_id)
             await deps.bus.publish(event.derive(
                 WorkflowStarted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, input={"order_id": input.order_id}),
                 STAGE,
@@ -165,15 +195,20 @@ def define_place_order(hatchet: Hatchet) -> Any:
         async def update_portfolio(events: list[Event[Any]]) -> list[Event[Any]]:
             emitted: list[Event[Any]] = []
             for event in events:
-                if event.event_type in _ROUTING_OUTPUTS:
-                    emitted += await _stage(stages.run("order", stages.order.handle, event))
                 if event.event_type is EventType.ORDER_EXECUTED:
-                    applied = await _stage(stages.run("portfolio", stages.portfolio.handle, event))
-                    emitted += applied
+                    # the order's record and the portfolio are apart (two groups, two state
+                    # versions), as on the fast path: both at once
+                    recorded, applied = await asyncio.gather(
+                        _stage(stages.run("order", stages.order.handle, event)),
+                        _stage(stages.run("portfolio", stages.portfolio.handle, event)),
+                    )
+                    emitted += recorded + applied
                     # risk lets go of a fill's funds once the portfolio has debited them
                     for update in applied:
                         if update.event_type is EventType.POSITION_UPDATED:
                             emitted += await _stage(stages.run("risk", stages.risk.handle, update))
+                elif event.event_type in _ROUTING_OUTPUTS:
+                    emitted += await _stage(stages.run("order", stages.order.handle, event))
                 if event.event_type in _RELEASES:
                     emitted += await _stage(stages.run("risk", stages.risk.handle, event))
             return emitted
@@ -188,6 +223,7 @@ def define_place_order(hatchet: Hatchet) -> Any:
         result = _summary(record)
         result["task_ms"] = {s.name: s.ms for s in steps.records}
         result["steps"] = [s.public() for s in steps.records]
+        await steps.flush()
         await deps.runs.completed(ctx.workflow_run_id, result, last=steps.records[-1])
         await deps.bus.publish(requested.derive(
             WorkflowCompleted(workflow=PLACE_ORDER, run_id=ctx.workflow_run_id, result=result), STAGE, index=1,

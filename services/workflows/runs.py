@@ -77,13 +77,19 @@ class RunStore:
             "correlation_id": correlation_id, "created_at": now, "updated_at": now,
         }, only_new=True)
 
-    async def running(self, run_id: str, workflow: str, portfolio_id: str, correlation_id: str) -> None:
-        now = utcnow().isoformat()
-        await self._set(run_id, {
-            "run_id": run_id, "workflow": workflow, "portfolio_id": portfolio_id, "correlation_id": correlation_id,
-            "created_at": now,
-        }, only_new=True)
-        await self._set(run_id, {"status": RunStatus.RUNNING, "updated_at": now}, unless_final=True)
+    async def running(self, run_id: str, workflow: str, portfolio_id: str, correlation_id: str, *,
+                      step: str | None = None, at: dt.datetime | None = None) -> None:
+        """The run is running (unless it has already ended), and with ``step`` that step started at ``at``."""
+        now = (at or utcnow()).isoformat()
+        fields = {"status": RunStatus.RUNNING, "updated_at": now}
+        if step is not None:
+            fields |= {"step": step, _STEP + step: _step_json(StepRecord(name=step, started_at=at or utcnow()))}
+        identity = {"run_id": run_id, "workflow": workflow, "portfolio_id": portfolio_id,
+                    "correlation_id": correlation_id, "created_at": now}
+        await self.redis.eval(
+            _SET_RUNNING, 1, self.key(run_id), RETENTION_S, len(identity),
+            *[x for kv in identity.items() for x in kv], *[x for kv in fields.items() for x in kv],
+        )
 
     async def step(self, run_id: str, *, ended: StepRecord | None, started: str, at: dt.datetime) -> None:
         """In one write: ``ended`` (the step before) is over, step ``started`` began at ``at``."""
@@ -147,6 +153,16 @@ def _steps(fields: dict[str, str]) -> list[dict[str, Any]] | None:
 
 _SET_NEW = """
 for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
+_SET_RUNNING = """
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'completed' and s ~= 'failed' then
+  for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
