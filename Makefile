@@ -51,7 +51,7 @@ status: ## what runs where
 
 test: deps ## type-check, then run the test suite
 	$(PY) -m mypy
-	$(PY) -m pytest -p no:cacheprovider -q $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider -q --durations=25 $(PYTEST_ARGS)
 
 chart: ## lint and render charts/zvt-fleet with the real helm CLI (built once into .cache/tools)
 	@HELM=$$(bash scripts/build-helm.sh) && for v in "" charts/zvt-fleet/ci/*.yaml k8s/values-*.yaml; do \
