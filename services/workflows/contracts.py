@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-__all__ = ["PLACE_ORDER", "REBALANCE", "PlaceOrderInput", "RebalanceInput"]
+__all__ = ["CHILD_ORDER_PREFIX", "PLACE_ORDER", "REBALANCE", "PlaceOrderInput", "RebalanceInput"]
 
 PLACE_ORDER = "trading.place_order"
 REBALANCE = "portfolio.rebalance"
 RISK_MONITOR = "risk.monitor"
 MARKET_DATA = "market_data.process"
 RECONCILE = "orders.reconcile"
+
+CHILD_ORDER_PREFIX = "rb-"
+"""How the client order ids of a rebalance's child orders begin (``rb-<run id>-...``): the only
+orders a workflow waits for, so the only ones the bridge tells Hatchet about."""
 
 
 class PlaceOrderInput(BaseModel):

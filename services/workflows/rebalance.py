@@ -43,7 +43,7 @@ from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
 from services.venues.paper import DEFAULT_MARKETS
 from services.workflows.bridge import ORDER_TERMINAL
-from services.workflows.contracts import REBALANCE, RebalanceInput
+from services.workflows.contracts import CHILD_ORDER_PREFIX, REBALANCE, RebalanceInput
 from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
 
 __all__ = ["ORDER_TERMINAL", "Leg", "define_rebalance", "plan_legs"]
@@ -151,7 +151,7 @@ def define_rebalance(hatchet: Hatchet) -> Any:
         order_ids: list[str] = []
         for i, leg in enumerate(ctx.task_output(plan)["legs"]):
             body = OrderBody(
-                client_order_id=f"rb-{ctx.workflow_run_id}-{i}", portfolio_id=input.portfolio_id, symbol=leg["symbol"],
+                client_order_id=f"{CHILD_ORDER_PREFIX}{ctx.workflow_run_id}-{i}", portfolio_id=input.portfolio_id, symbol=leg["symbol"],
                 side=Side(leg["side"]), type=OrderType.MARKET, quantity=leg["quantity"], time_in_force=TimeInForce.IOC,
             )
             quantity, price = OrderDesk.validate(body)
@@ -221,7 +221,7 @@ def define_rebalance(hatchet: Hatchet) -> Any:
             filled = sum((f.quantity for f in record.fills), ZERO)
             if input.all_or_nothing and filled > 0:
                 body = OrderBody(
-                    client_order_id=f"rb-{ctx.workflow_run_id}-undo-{record.order_id[-12:]}",
+                    client_order_id=f"{CHILD_ORDER_PREFIX}{ctx.workflow_run_id}-undo-{record.order_id[-12:]}",
                     portfolio_id=input.portfolio_id, symbol=record.symbol,
                     side=Side.SELL if record.side is Side.BUY else Side.BUY, type=OrderType.MARKET,
                     quantity=str(filled), time_in_force=TimeInForce.IOC,

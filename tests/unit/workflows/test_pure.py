@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
-from services.core.events import EventType, Liquidity, OrderType, Side, TimeInForce
+from services.core.events import Event, EventType, Liquidity, OrderExecuted, OrderRejected, OrderType, Side, TimeInForce
 from services.core.hotstate import Fill, OrderRecord
 from services.trading.orders import OrderStatus
 from services.venues.base import VenueFill, VenueOrder, VenueOrderStatus
+from services.workflows.bridge import terminal_status
+from services.workflows.contracts import CHILD_ORDER_PREFIX
 from services.workflows.monitor import equity
 from services.workflows.rebalance import Leg, plan_legs
 from services.workflows.reconcile import corrections
@@ -76,3 +79,25 @@ def test_corrections_skip_fills_already_recorded_and_fail_orders_no_venue_knows(
     (failed,) = corrections(_record(OrderStatus.ROUTED), None)
     assert failed.event_type is EventType.ORDER_FAILED and failed.payload.reason_code == "NOT_AT_VENUE"
     assert corrections(_record(OrderStatus.CREATED), None) == []  # routing may still send it
+
+
+def _fill(client_order_id: str, leaves: str) -> Event[Any]:
+    return Event.new(OrderExecuted(
+        order_id="o1", client_order_id=client_order_id, symbol="BTC/USDT", side=Side.BUY, venue="paper",
+        venue_order_id="v1", fill_id="f1", quantity=Decimal("1"), price=Decimal("100"), commission=Decimal("0"),
+        commission_asset="USDT", liquidity=Liquidity.TAKER, cumulative_quantity=Decimal("1"),
+        leaves_quantity=Decimal(leaves),
+    ), portfolio_id="pf")
+
+
+def test_bridge_tells_hatchet_only_of_rebalance_children_that_ended() -> None:
+    child = f"{CHILD_ORDER_PREFIX}run-1-0"
+    assert terminal_status(_fill(child, "0")) == "filled"
+    assert terminal_status(_fill(child, "0.5")) is None  # partly filled: still open
+    rejected = Event.new(OrderRejected(order_id="o2", client_order_id=child, reason_code="LIMIT", reason="x", stage="risk"),
+                         portfolio_id="pf")
+    assert terminal_status(rejected) == "rejected"
+    # any other order, however it ends, is none of Hatchet's business
+    assert terminal_status(_fill("client-abc", "0")) is None
+    assert terminal_status(Event.new(OrderRejected(order_id="o3", client_order_id="client-abc", reason_code="LIMIT",
+                                                   reason="x", stage="risk"), portfolio_id="pf")) is None
