@@ -61,6 +61,7 @@ _ROUTING_OUTPUTS = (EventType.EXCHANGE_ROUTED, EventType.ORDER_EXECUTED, EventTy
 _RELEASES = (EventType.ORDER_CANCELED, EventType.ORDER_FAILED)
 
 Step = Callable[[list[Event[Any]]], Awaitable[list[Event[Any]]]]
+_PENDING: set[asyncio.Task[None]] = set()
 
 
 async def _record(deps: Deps, event: Event[Any]) -> OrderRecord | None:
@@ -135,7 +136,9 @@ class _Steps:
             except Exception as exc:
                 log.warning("a step's progress was not recorded", run_id=self.ctx.workflow_run_id, error=repr(exc))
 
-        self._writes = asyncio.create_task(in_order())
+        self._writes = task = asyncio.create_task(in_order())
+        _PENDING.add(task)  # held until done, even after a failed attempt has let go of this object
+        task.add_done_callback(_PENDING.discard)
 
     async def flush(self) -> None:
         if self._writes is not None:
