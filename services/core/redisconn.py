@@ -54,11 +54,14 @@ class HiredisPackingConnection(Connection):
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         # A write on a connection that was torn down under it (a peer reset, or a cluster
         # client dropping a dead node's connections during a failover) leaks the transport's
-        # internal AttributeError/TypeError (redis/redis-py#4287). Neither is a RedisError,
-        # so it would bypass every retry layer: turn it into the ConnectionError it is.
+        # internal AttributeError/TypeError (redis/redis-py#4287), or under uvloop a
+        # RuntimeError ("the handler is closed"). None is a RedisError, so it would bypass
+        # every retry layer (and the gateway's 503): turn it into the ConnectionError it is.
         try:
             await super().send_packed_command(command, check_health)
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                raise
             await self.disconnect(nowait=True)
             raise ConnectionError(f"connection lost while writing: {exc}") from exc
 
