@@ -180,20 +180,22 @@ def define_place_order(hatchet: Hatchet) -> Any:
             (requested,) = events
             return await _stage(stages.run("risk", stages.risk.handle, requested))
 
-        async def create_order_record(events: list[Event[Any]]) -> list[Event[Any]]:
+        async def handled(group: str, handle: Any, types: tuple[EventType, ...], events: list[Event[Any]]
+                          ) -> list[Event[Any]]:
+            """What stage ``group`` emits for each of ``events`` of ``types``, in order."""
             emitted: list[Event[Any]] = []
             for event in events:
-                if event.event_type in (EventType.ORDER_VALIDATED, EventType.ORDER_REJECTED):
-                    emitted += await _stage(stages.run("order", stages.order.handle, event))
+                if event.event_type in types:
+                    emitted += await _stage(stages.run(group, handle, event))
             return emitted
 
+        async def create_order_record(events: list[Event[Any]]) -> list[Event[Any]]:
+            return await handled("order", stages.order.handle, (EventType.ORDER_VALIDATED, EventType.ORDER_REJECTED),
+                                 events)
+
         async def execute_order(events: list[Event[Any]]) -> list[Event[Any]]:
-            emitted: list[Event[Any]] = []
-            for event in events:
-                if event.event_type is EventType.ORDER_CREATED:
-                    # never blindly twice: a retry after the commit gets the first outcome back
-                    emitted += await _stage(stages.run("routing", stages.routing.handle, event))
-            return emitted
+            # never blindly twice: a retry after the routing commit gets the first outcome back
+            return await handled("routing", stages.routing.handle, (EventType.ORDER_CREATED,), events)
 
         async def update_portfolio(events: list[Event[Any]]) -> list[Event[Any]]:
             emitted: list[Event[Any]] = []

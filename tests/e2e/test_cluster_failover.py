@@ -54,7 +54,7 @@ from services.core.events import EventType, Side
 from services.core.hotstate import LimitsRecord, PositionRecord, StateKeys, load
 from services.core.inject import read_orders, seed_portfolio
 from tests.e2e.conftest import ROOT, Stack
-from tests.e2e.test_crash_safety import TERMINAL_EVENTS, stream_events
+from tests.e2e.test_crash_safety import stream_events, terminal_and_fill_events
 from tests.integration.conftest import Target, eventually
 
 pytestmark = pytest.mark.cluster_chaos
@@ -245,16 +245,7 @@ async def test_accepted_orders_when_a_master_fails_over_under_load_all_survive(s
         stuck = [(r.order_id, r.status) for r in records if not r.is_terminal]
         assert not stuck, f"{len(stuck)} orders not terminal, e.g. {stuck[:5]}"
 
-        terminal: dict[str, set[str]] = defaultdict(set)
-        fills: dict[str, set[str]] = defaultdict(set)
-        for event_type in TERMINAL_EVENTS:
-            for event in await stream_events(stack, event_type):
-                p = event.payload
-                if event_type is EventType.ORDER_EXECUTED:
-                    fills[p.fill_id].add(event.event_id)
-                    if p.leaves_quantity > 0:
-                        continue
-                terminal[p.order_id].add(event.event_id)
+        terminal, fills = await terminal_and_fill_events(stack)
         ids = {oid for _, oid in refs}
         assert {oid for oid, events in terminal.items() if oid in ids and len(events) == 1} == ids
         assert all(len(events) == 1 for events in fills.values()), "a fill was emitted twice"

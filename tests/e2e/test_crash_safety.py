@@ -49,6 +49,22 @@ def spec(rng: random.Random, n: int) -> OrderSpec:
     return OrderSpec(pid, symbol, side, qty)
 
 
+async def terminal_and_fill_events(stack: Stack) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """The distinct terminal event ids of each order (a fill ends an order when nothing is
+    left), and the distinct event ids of each fill id, from the streams."""
+    terminal: dict[str, set[str]] = defaultdict(set)
+    fills: dict[str, set[str]] = defaultdict(set)
+    for event_type in TERMINAL_EVENTS:
+        for event in await stream_events(stack, event_type):
+            p = event.payload
+            if event_type is EventType.ORDER_EXECUTED:
+                fills[p.fill_id].add(event.event_id)
+                if p.leaves_quantity > 0:
+                    continue
+            terminal[p.order_id].add(event.event_id)
+    return terminal, fills
+
+
 async def stream_events(stack: Stack, event_type: EventType) -> list[Event[Any]]:
     events = []
     for shard in range(SHARDS):
@@ -112,16 +128,7 @@ async def test_books_when_services_are_killed_under_load_balance(stack: Stack) -
         raise AssertionError(f"{len(stuck)} orders not terminal, e.g. {stuck[:5]}") from None
 
     # ... exactly one: one distinct terminal event per order (copies share an event id)
-    terminal: dict[str, set[str]] = defaultdict(set)
-    fills_by_id: dict[str, set[str]] = defaultdict(set)
-    for event_type in TERMINAL_EVENTS:
-        for event in await stream_events(stack, event_type):
-            p = event.payload
-            if event_type is EventType.ORDER_EXECUTED:
-                fills_by_id[p.fill_id].add(event.event_id)
-                if p.leaves_quantity > 0:
-                    continue
-            terminal[p.order_id].add(event.event_id)
+    terminal, fills_by_id = await terminal_and_fill_events(stack)
     many = {oid: ids for oid, ids in terminal.items() if len(ids) != 1}
     assert not many, f"orders with more than one terminal event: {list(many.items())[:5]}"
     assert set(terminal) == {oid for _, oid in injected}
