@@ -34,6 +34,7 @@ import socket
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.core.codec import DecodeError, decode, encode
 from services.core.events import Event, EventType, Route
 from services.core.keys import Keys
-from services.core.redisconn import AnyRedis
+from services.core.redisconn import AnyRedis, Lane
 from services.core.settings import BusSettings
 from services.core.telemetry import (
     BUS_BATCH_SECONDS,
@@ -127,9 +128,57 @@ class Batch:
     """
 
     fn: Callable[[list[tuple[Event[Any], "Commit"]]], Awaitable[None]]
+    reads_state: bool = False
+    """The handler loads its state through ``services.core.hotstate.StateReader`` before it
+    decides anything, and skips every event whose ``Commit.duplicate`` is set after that load.
+    The consumer then sends its duplicate check and the shards' state versions along with the
+    handler's first read instead of in a round trip of their own (``StateRead``)."""
 
 
 Handler = EventHandler | Batch
+
+
+class StateRead:
+    """A batch's state reads for a ``Batch(reads_state=True)`` handler: the first also asks,
+    in the same script call, which events were handled before (their commits get
+    ``duplicate``) and at which version each shard's state is read."""
+
+    __slots__ = ("_check", "_commits", "_consumer", "_lane", "_shards", "_todo", "done", "versions")
+
+    def __init__(
+        self, consumer: Consumer, todo: list[tuple[_Entry, Event[Any], list[Any]]], commits: dict[int, Commit],
+        lane: Lane | None,
+    ) -> None:
+        self._consumer = consumer
+        self._todo = todo
+        self._commits = commits  # id(entry) -> its commit
+        self._lane = lane
+        self._check = consumer._precheck
+        self._shards = sorted({entry.shard for entry, _, _ in todo}) if consumer.exclusive else []
+        self.done = False
+        self.versions: dict[int, str] = {}
+
+    async def read(self, ops: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """``ops``: ``(command, key, *args)`` each; their replies in order."""
+        if self.done:
+            return await self._consumer._read_state(list(ops), self._lane) if ops else []
+        headers = self._consumer._headers
+        extra: list[tuple[Any, ...]] = [("GET", headers[s][5]) for s in self._shards]
+        if self._check:
+            extra += [("EXISTS", headers[entry.shard][0] + event.event_id) for entry, event, _ in self._todo]
+        replies = await self._consumer._read_state(extra + list(ops), self._lane)
+        self.done = True
+        n = len(self._shards)
+        self.versions = {s: _s(v) if v else "0" for s, v in zip(self._shards, replies[:n], strict=True)}
+        if self._check:
+            for (entry, _, _), seen in zip(self._todo, replies[n : len(extra)], strict=True):
+                if seen:
+                    self._commits[id(entry)].duplicate = True
+        return replies[len(extra):]
+
+
+current_state_read: ContextVar[StateRead | None] = ContextVar("current_state_read", default=None)
+"""Set while a ``Batch(reads_state=True)`` handler runs under a consumer."""
 
 
 UNAVAILABLE_BACKOFF_S = 0.1
@@ -300,6 +349,15 @@ for _, w in ipairs(cmsgpack.unpack(ARGV[4])) do redis.call(unpack(w)) end
 return {1}
 """
 
+STATE_READ_LUA = """
+-- KEYS: one key per read; ARGV[1]: msgpack list of {command, extra args...}, one per key
+local out = {}
+for i, op in ipairs(cmsgpack.unpack(ARGV[1])) do
+  out[i] = redis.call(op[1], KEYS[i], unpack(op, 2))
+end
+return out
+"""
+
 _PUBLISH_LUA = """
 -- ARGV[1] msgpack: a list of {stream, data}; appends each, returns the entry ids in order
 local ids = {}
@@ -350,6 +408,7 @@ class Bus:
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._tick = redis.register_script(_TICK_LUA)
         self._apply = redis.register_script(_APPLY_LUA)
+        self._read = redis.register_script(STATE_READ_LUA)
         self.group_ages: dict[tuple[str, str], float] = {}
         redis.set_response_callback("XREADGROUP", _raw_reply)
 
@@ -569,7 +628,7 @@ class Commit:
     harmless). ``write`` a Redis command whose first argument is a key of this shard.
     """
 
-    __slots__ = ("_keys", "error", "foreign", "outputs", "shard", "writes")
+    __slots__ = ("_keys", "duplicate", "error", "foreign", "outputs", "shard", "writes")
 
     def __init__(self, keys: Keys, shard: int) -> None:
         self._keys = keys
@@ -578,6 +637,9 @@ class Commit:
         self.foreign: list[Event[Any]] = []
         self.writes: list[tuple[Any, ...]] = []
         self.error: Exception | None = None
+        self.duplicate = False
+        """Set by the state load of a ``Batch(reads_state=True)`` handler: this event was
+        handled before (a redelivery); the handler skips it, and it is only acknowledged."""
 
     def fail(self, error: Exception) -> None:
         """For ``Batch`` handlers: this one event failed (as if its handler had raised
@@ -830,6 +892,16 @@ class Consumer:
         else:
             guard = contextlib.nullcontext()
         backoff = 0.05
+        lane = Lane(self.bus.redis)
+        try:
+            await self._read_loop_on(lane, fixed, guard, halt)
+        finally:
+            await lane.close()
+
+    async def _read_loop_on(
+        self, lane: Lane, fixed: list[str] | None, guard: Any, halt: asyncio.Event | None
+    ) -> None:
+        backoff = 0.05
         while not self._stopping.is_set() and not (halt is not None and halt.is_set()):
             if fixed is None and not self._reading:
                 await self._sleep(0.05)
@@ -841,7 +913,7 @@ class Consumer:
                 async with guard:
                     reading = fixed or [k for k, (s, _) in self._streams.items() if s in self._reading]
                     if reading:
-                        await self._read_once(reading)
+                        await self._read_once(reading, lane)
                 backoff = 0.05
             except LeaseLost as exc:
                 log.warning("shard lease lost; stopped reading it", group=self.group, shards=exc.shards)
@@ -858,14 +930,14 @@ class Consumer:
                 log.exception("unexpected error in read loop", group=self.group)
                 await self._sleep(1.0)
 
-    async def _read_once(self, keys: list[str]) -> None:
+    async def _read_once(self, keys: list[str], lane: Lane) -> None:
         """One XREADGROUP over ``keys`` and the processing of what it returned."""
         # COUNT is per stream: split the batch over the streams read together, so one commit
         # script never holds Redis for much more than ``batch_size`` entries.
         count = max(1, -(-self._settings.batch_size // len(keys)))
-        reply = await self.bus.redis.execute_command(
+        reply = await lane.execute(
             "XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", self._settings.block_ms,
-            "STREAMS", *keys, *(">" for _ in keys), keys=keys,
+            "STREAMS", *keys, *(">" for _ in keys), key=keys[0], keys=keys,
         )
         if not reply:
             return
@@ -880,7 +952,7 @@ class Consumer:
                 if fields and len(fields) > 2:
                     entry.target = _target(fields)
                 entries.append(entry)
-        await self._process(entries)
+        await self._process(entries, lane)
 
     def _guard(self, shard: int) -> asyncio.Lock:
         """What an exclusive consumer holds while it handles a batch of ``shard``."""
@@ -907,7 +979,7 @@ class Consumer:
 
     # -- processing ----------------------------------------------------------------------------
 
-    async def _process(self, entries: list[_Entry]) -> None:
+    async def _process(self, entries: list[_Entry], lane: Lane | None = None) -> None:
         """Decode, filter, handle and commit entries (of one slot on a cluster).
 
         An exclusive consumer's commit of a shard is refused whole when that shard's state
@@ -923,7 +995,7 @@ class Consumer:
         cap = min(UNAVAILABLE_BACKOFF_MAX_S, self._settings.reclaim_idle_ms / 2000)
         try:
             while True:
-                moved, deferred = await self._process_once(entries)
+                moved, deferred = await self._process_once(entries, lane)
                 if deferred:
                     entries = [e for e in entries if e.shard in moved or id(e) in deferred]
                     if not held:
@@ -987,7 +1059,7 @@ class Consumer:
             kept += [e for e in group if e.entry_id in claimed]
         return kept
 
-    async def _process_once(self, entries: list[_Entry]) -> tuple[set[int], set[int]]:
+    async def _process_once(self, entries: list[_Entry], lane: Lane | None) -> tuple[set[int], set[int]]:
         """Returns the shards whose state moved (nothing of them committed) and the entries
         (their ``id``) held back because a handler raised ``Unavailable``."""
         started = time.perf_counter()
@@ -1020,30 +1092,44 @@ class Consumer:
             todo.append((entry, event, recs))
 
         versions: dict[int, str] = {}
+        state_read: StateRead | None = None
+        commits: dict[int, Commit] = {}
         if todo:
-            seen = None
-            if self._precheck or self.exclusive:
-                seen, versions = await self._seen(todo)
-                if not self._precheck:
-                    seen = None
             fresh, batch_ids = [], set()
-            for i, item in enumerate(todo):
+            for item in todo:  # the same event twice in one read: the later copies are duplicates
                 event_id = item[1].event_id
-                if event_id in batch_ids or (seen is not None and seen[i]):
+                if event_id in batch_ids:
                     item[2].append(("A", item[0].stream, item[0].entry_id))
                     out.add(item[0].event_type, "duplicate")
                 else:
                     batch_ids.add(event_id)
                     fresh.append(item)
             todo = fresh
+            if self._precheck or self.exclusive:
+                if self._reads_state(todo):
+                    # asked along with the handler's state load: one round trip fewer
+                    commits = {id(entry): Commit(self._keys, entry.shard) for entry, _, _ in todo}
+                    state_read = StateRead(self, todo, commits, lane)
+                else:
+                    seen, versions = await self._seen(todo, lane)
+                    if self._precheck:
+                        fresh = []
+                        for item, flag in zip(todo, seen, strict=True):
+                            if flag:
+                                item[2].append(("A", item[0].stream, item[0].entry_id))
+                                out.add(item[0].event_type, "duplicate")
+                            else:
+                                fresh.append(item)
+                        todo = fresh
 
         foreign: list[Event[Any]] = []
         handlers = self.handlers
         traced = tracing.enabled
         batched: dict[int, list[tuple[_Entry, Event[Any], list[Any]]]] = {}
-        # what each handled entry came to: its commit, or the exception its handler raised;
-        # applied once every handler has run (none, if one found a dependency unavailable)
-        results: list[tuple[tuple[_Entry, Event[Any], list[Any]], Commit | Exception]] = []
+        # what each handled entry came to: its commit, the exception its handler raised, or
+        # None for one its state load found handled before; applied once every handler has
+        # run (none, if one found a dependency unavailable)
+        results: list[tuple[tuple[_Entry, Event[Any], list[Any]], Commit | Exception | None]] = []
         unavailable = False
         for item in todo:
             entry, event, recs = item
@@ -1074,17 +1160,26 @@ class Consumer:
             items.sort(key=lambda item: _parse_id(item[0].entry_id))  # stream (arrival) order
             batch_handler = handlers[items[0][0].event_type]
             assert isinstance(batch_handler, Batch)
-            commits = [Commit(self._keys, entry.shard) for entry, _, _ in items]
+            batch_commits = [commits.get(id(entry)) or Commit(self._keys, entry.shard) for entry, _, _ in items]
+            reading = current_state_read.set(state_read) if state_read is not None else None
             try:
                 with batch_span(f"{self.group} batch", [event for _, event, _ in items], group=self.group):
-                    await batch_handler.fn([(event, commit) for (_, event, _), commit in zip(items, commits)])
+                    await batch_handler.fn([(event, commit) for (_, event, _), commit in zip(items, batch_commits)])
+                if state_read is not None and not state_read.done:
+                    raise RuntimeError(f"{self.group}: a reads_state handler returned without loading its state")
             except Unavailable:
                 unavailable = True
                 break
             except Exception as exc:
                 results += [(item, exc) for item in items]
                 continue
-            for item, commit in zip(items, commits, strict=True):
+            finally:
+                if reading is not None:
+                    current_state_read.reset(reading)
+            for item, commit in zip(items, batch_commits, strict=True):
+                if commit.duplicate:
+                    results.append((item, None))  # only acknowledged
+                    continue
                 if isinstance(commit.error, Unavailable):
                     unavailable = True
                 results.append((item, commit.error if commit.error is not None else commit))
@@ -1100,15 +1195,20 @@ class Consumer:
             for shard, recs in records.items():
                 records[shard] = [r for r in recs if not (r[0] == "X" and (r[1], r[2]) in held)]
         else:
+            if state_read is not None:
+                versions = state_read.versions
             for (entry, event, recs), result in results:
-                if isinstance(result, Exception):
+                if result is None:
+                    recs.append(("A", entry.stream, entry.entry_id))
+                    out.add(entry.event_type, "duplicate")
+                elif isinstance(result, Exception):
                     self._failed(out, entry, event, recs, result)
                 else:
                     self._succeeded(out, entry, event, recs, result, foreign)
 
         if foreign:
             await self.bus.publish_many(foreign)
-        dups, moved = await self._commit(records, versions)
+        dups, moved = await self._commit(records, versions, lane)
         if moved or deferred:
             return moved, deferred
         if dups:  # handled, but another copy had committed first
@@ -1150,7 +1250,9 @@ class Consumer:
             correlation_id=event.correlation_id,
         )
 
-    async def _commit(self, records: dict[int, list[Any]], versions: dict[int, str]) -> tuple[list[Any], set[int]]:
+    async def _commit(
+        self, records: dict[int, list[Any]], versions: dict[int, str], lane: Lane | None = None
+    ) -> tuple[list[Any], set[int]]:
         """Returns the event ids another copy had committed first, and the shards whose state
         moved since ``versions`` were read (nothing of those was committed)."""
         batches = [
@@ -1162,9 +1264,9 @@ class Consumer:
         if not batches:
             return [], set()
         route = self._keys.deadletter(next(iter(records)))  # any key of the slot routes it
-        dups, lost, moved = await self.bus._commit(
-            keys=[route],
-            args=[self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches), self._settings.deadletter_maxlen],
+        dups, lost, moved = await self._script(
+            lane, self.bus._commit, [route],
+            [self.group, self._settings.dedupe_ttl_s * 1000, _pack(batches), self._settings.deadletter_maxlen],
         )
         if lost:
             raise LeaseLost(sorted(s for s in records if self._headers[s][3].encode() in lost))
@@ -1184,19 +1286,41 @@ class Consumer:
         )
         return ("D", entry.stream, entry.entry_id, fields)
 
-    async def _seen(self, todo: list[tuple[_Entry, Event[Any], list[Any]]]) -> tuple[list[int], dict[int, str]]:
+    async def _seen(
+        self, todo: list[tuple[_Entry, Event[Any], list[Any]]], lane: Lane | None
+    ) -> tuple[list[int], dict[int, str]]:
         by_shard: dict[int, list[str]] = {}
         for entry, event, _ in todo:
             by_shard.setdefault(entry.shard, []).append(event.event_id)
-        reply: list[Any] = await self.bus._seen(
-            keys=[self._keys.deadletter(next(iter(by_shard)))],
-            args=[_pack([(self._headers[s][0], ids, self._headers[s][5]) for s, ids in by_shard.items()])],
+        reply: list[Any] = await self._script(
+            lane, self.bus._seen, [self._keys.deadletter(next(iter(by_shard)))],
+            [_pack([(self._headers[s][0], ids, self._headers[s][5]) for s, ids in by_shard.items()])],
         )
         flags = reply[:len(todo)]
         versions = {s: _s(v) for s, v in zip(by_shard, reply[len(todo):], strict=True) if v}
         # the script answers shard by shard; put the answers back in entry order
         answers = {s: iter(flags[i:i + len(ids)]) for s, ids, i in _offsets(by_shard)}
         return [next(answers[entry.shard]) for entry, _, _ in todo], versions
+
+    def _reads_state(self, todo: list[tuple[_Entry, Event[Any], list[Any]]]) -> bool:
+        """Whether every event of ``todo`` goes to one ``Batch(reads_state=True)`` handler."""
+        first = self.handlers[todo[0][0].event_type]
+        if not (isinstance(first, Batch) and first.reads_state):
+            return False
+        return all(self.handlers[entry.event_type] is first for entry, _, _ in todo)
+
+    async def _read_state(self, ops: list[tuple[Any, ...]], lane: Lane | None) -> list[Any]:
+        """Reads of one slot in one script call (``STATE_READ_LUA``)."""
+        keys = [op[1] for op in ops]
+        spec = _pack([[op[0], *op[2:]] for op in ops])
+        result: list[Any] = await self._script(lane, self.bus._read, keys, [spec])
+        return result
+
+    @staticmethod
+    async def _script(lane: Lane | None, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        if lane is None:
+            return await script(keys=keys, args=args)
+        return await lane.script(script, keys, args)
 
     def _observe(self, entries: list[_Entry], out: _Outcome, seconds: float) -> None:
         group = self.group

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from services.core.bus import STATE_READ_LUA, current_state_read
 from services.core.events import (
     Event,
     OrderRequested,
@@ -376,20 +377,14 @@ def shard_of_order_id(order_id: str) -> int | None:
         return None
 
 
-_READ_LUA = """
--- KEYS: one key per read; ARGV[1]: msgpack list of {command, extra args...}, one per key
-local out = {}
-for i, op in ipairs(cmsgpack.unpack(ARGV[1])) do
-  out[i] = redis.call(op[1], KEYS[i], unpack(op, 2))
-end
-return out
-"""
-
-
 class StateReader:
     """Many reads of hot state in one command: a stage loads everything a batch needs with
     one script call (one slot on a cluster: a batch is one shard there), which costs the
-    client a fraction of the same reads pipelined one by one."""
+    client a fraction of the same reads pipelined one by one.
+
+    Under a consumer batch of a ``Batch(reads_state=True)`` handler the read goes through the
+    consumer (``services.core.bus.StateRead``), which sends its duplicate check and state
+    versions along with it."""
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
@@ -399,10 +394,13 @@ class StateReader:
     async def read(self, ops: list[tuple[str, ...]]) -> list[Any]:
         """``ops``: ``(command, key, *args)`` each (GET, HGET, HGETALL, EXISTS, ...); the
         replies in order (HGETALL as a flat ``[field, value, ...]`` list)."""
+        batch = current_state_read.get()
+        if batch is not None:
+            return await batch.read(ops)
         if not ops:
             return []
         if self._script is None:
-            self._script = self._redis.register_script(_READ_LUA)
+            self._script = self._redis.register_script(STATE_READ_LUA)
         keys = [op[1] for op in ops]
         spec = self._pack([[op[0], *op[2:]] for op in ops])
         result: list[Any] = await self._script(keys=keys, args=[spec])

@@ -13,21 +13,27 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
+    ClusterDownError,
     ConnectionError,
     NoScriptError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TimeoutError,
+    TryAgainError,
 )
 
 from services.core.redact import redact
 from services.core.settings import CoreSettings
 
 __all__ = [
-    "MAX_CONNECTIONS", "AnyRedis", "ConnectionGate", "RedisStartupError", "WaitingRedisCluster", "ScriptBatcher", "StartupError", "connect", "connection_options",
+    "MAX_CONNECTIONS", "AnyRedis", "ConnectionGate", "Lane", "RedisStartupError", "WaitingRedisCluster", "ScriptBatcher", "StartupError", "connect", "connection_options",
     "open_checked", "open_redis", "scan_keys", "startup_problem",
 ]
 
@@ -146,6 +152,104 @@ class _WaitingPipeline(ClusterPipeline):
         gate: ConnectionGate = self.cluster_client.gate  # type: ignore[attr-defined]
         async with gate:
             return await super().execute(raise_on_error, allow_redirections)
+
+
+_WRITE_HIGH_WATER = 1 << 20
+"""Bytes a lane leaves in its socket's write buffer before it waits for them to drain."""
+
+
+class Lane:
+    """Connections of its own (one per node) for one loop that sends the same few commands all
+    the time: a consumer's read, state load and commit.
+
+    redis-py's path for each command checks a connection out of the pool under a lock, probes
+    it for stray data, awaits its observability hooks and wraps the call in its retry logic:
+    about 60 µs of client CPU per command on a 2-vCPU VM, a third of a whole round trip
+    (``docs/benchmarks.md``). A lane writes the command and reads the reply. Anything out of
+    the ordinary goes through the client's own path instead, which has the retries, the
+    reconnects and, on a cluster, the redirects and the slot-map refresh: a broken or timed-out
+    connection (dropped first: a reply half read would poison it), a redirect, a node that is
+    down, loading or read-only, a script the server lost.
+
+    A lane is not shared: one command at a time (its owner awaits each). ``close`` drops its
+    connections.
+    """
+
+    __slots__ = ("_cluster", "_conns", "redis")
+
+    # replies after which the client's own path takes the command (and knows what to do)
+    _DEFER = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
+
+    def __init__(self, redis: AnyRedis) -> None:
+        self.redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
+        self._conns: dict[str, Connection] = {}
+
+    async def execute(self, *args: Any, key: str, **fallback: Any) -> Any:
+        """``args`` as one command to the node that serves ``key``; its reply, as the server
+        sent it (no response callback). ``fallback``: what the client's ``execute_command``
+        needs if it takes over."""
+        node: Any = None
+        name = ""
+        if self._cluster:
+            node = self.redis.get_node_from_key(key)  # type: ignore[union-attr]
+            name = node.name
+        conn: Any = self._conns.get(name)
+        if conn is None:
+            conn = self._conns[name] = self._connection(node)
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            # the connection's own send and read would start a task and a timeout per call:
+            # write (a full socket buffer is the only reason to wait), then read the reply
+            writer = conn._writer
+            writer.writelines(conn.pack_command(*args))
+            async with asyncio.timeout(conn.socket_timeout):
+                if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                    await writer.drain()
+                reply = await conn._parser.read_response()
+        except (ConnectionError, TimeoutError, OSError, asyncio.TimeoutError, AttributeError, RuntimeError):
+            # refused, reset, timed out, or written on a transport closed under it (uvloop:
+            # RuntimeError, redis/redis-py#4287: AttributeError)
+            self._drop(name)
+        except BaseException:
+            self._drop(name)  # cancelled mid-command: its reply may still come
+            raise
+        else:
+            if not isinstance(reply, ResponseError):
+                return reply
+            if not isinstance(reply, self._DEFER):
+                raise reply  # an error reply: the connection is in step
+        return await self.redis.execute_command(*args, **fallback)
+
+    async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """``script`` (registered on this lane's client) by ``EVALSHA``; through the client's
+        own script call (which loads it) if the server does not have it."""
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, key=keys[0])
+        except NoScriptError:
+            return await script(keys=keys, args=args)
+
+    def _connection(self, node: Any) -> Connection:
+        if node is None:
+            pool: Any = self.redis.connection_pool  # type: ignore[union-attr]
+            cls, kwargs = pool.connection_class, pool.connection_kwargs
+        else:
+            cls, kwargs = node.connection_class, node.connection_kwargs
+        # no retries inside: whatever fails goes through the client, which retries
+        conn: Connection = cls(**{**kwargs, "retry": Retry(NoBackoff(), 0)})
+        return conn
+
+    def _drop(self, name: str) -> None:
+        conn: Any = self._conns.pop(name, None)
+        if conn is not None:
+            conn._close()  # the transport, at once (no await: this may run while cancelled)
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
 
 
 def connect(settings: CoreSettings) -> AnyRedis:

@@ -130,7 +130,7 @@ class Service:
             await handlers[0](items)
 
         self.on_startup(open_stage)
-        self.consume(group, dict.fromkeys(event_types, Batch(handle)), exclusive=True, precheck=True)
+        self.consume(group, dict.fromkeys(event_types, Batch(handle, reads_state=True)), exclusive=True, precheck=True)
 
     def background(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a coroutine for the life of the process; it should return when ``stopping``."""

@@ -33,7 +33,7 @@ from services.core.events import (
     OrderValidated,
     utcnow,
 )
-from services.core.hotstate import Fill, OrderRecord, StateKeys, dump, load, requested_order
+from services.core.hotstate import Fill, OrderRecord, StateKeys, StateReader, dump, load, requested_order
 from services.core.keys import Keys
 from services.core.telemetry import consumer_span, get_logger
 from services.trading.orders import TRANSITIONS, InvalidTransition, OrderStatus
@@ -71,21 +71,22 @@ class OrderStage:
         """``terminal_retention_s``: how long a record stays once terminal
         (``ZVT_ORDER_TERMINAL_RETENTION_S``)."""
         self.redis = redis
+        self.reader = StateReader(redis)
         self.sk = state_keys
         self.clock = clock
         self.retention_s = terminal_retention_s
 
     async def load(self, keys: list[str]) -> dict[str, OrderRecord]:
-        """The records behind these keys (one ``MGET``: a batch is one slot on a cluster)."""
-        if not keys:
-            return {}
-        values = await self.redis.mget(keys)
+        """The records behind these keys (one script call: a batch is one slot on a cluster)."""
+        values = await self.reader.read([("GET", key) for key in keys])
         return {k: load(OrderRecord, v) for k, v in zip(keys, values, strict=True) if v}
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         keyed = [(self.sk.order(e.portfolio_id, e.payload.order_id), e, c) for e, c in items]
         records = await self.load(sorted({key for key, _, _ in keyed}))
         for key, event, commit in keyed:
+            if commit.duplicate:
+                continue
             with consumer_span(event, GROUP):
                 record = records.get(key)
                 try:

@@ -129,6 +129,8 @@ class PortfolioStage:
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         states = await self.load(items)
         for event, commit in items:
+            if commit.duplicate:
+                continue
             with consumer_span(event, GROUP):
                 try:
                     self.apply(event, states[event.portfolio_id], commit)

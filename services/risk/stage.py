@@ -146,6 +146,8 @@ class RiskStage:
         states = await self.load(items)
         marks = await self.marks.current()
         for event, commit in items:
+            if commit.duplicate:
+                continue
             with consumer_span(event, GROUP):
                 state = states[event.portfolio_id]
                 try:

@@ -227,6 +227,8 @@ class RoutingStage:
         # a cancel waits for the creates before it, so stream order still holds per order.
         group: list[Coroutine[Any, Any, None]] = []
         for event, commit in items:
+            if commit.duplicate:
+                continue
             if event.event_type is EventType.ORDER_CREATED:
                 group.append(self._route_one(event, commit, batch))
                 continue

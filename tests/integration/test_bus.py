@@ -13,6 +13,7 @@ import pytest
 from services.core.bus import Batch, Bus, Commit, Consumer, PermanentError
 from services.core.codec import decode_any, encode
 from services.core.events import Event, EventType, OrderValidated, Route
+from services.core.hotstate import StateReader
 from services.core.redisconn import AnyRedis
 from services.core.settings import BusSettings
 from tests.integration.conftest import eventually, order, stream_total
@@ -378,3 +379,75 @@ def _dead_lettered(group: str, reason: str) -> float:
         "zvt_bus_dead_lettered_total", {"stream": "order.requested", "group": group, "reason": reason}
     )
     return value or 0.0
+
+
+class Counter:
+    """A stateful stage in small: counts each portfolio's events in a state key it loads with
+    ``StateReader`` (so the consumer's duplicate check rides along with that load)."""
+
+    def __init__(self, bus: Bus, read: bool = True) -> None:
+        self.reader = StateReader(bus.redis)
+        self.read = read
+        self.calls: list[tuple[str, bool]] = []
+
+    async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
+        keys = [commit.key("count", event.portfolio_id) for event, commit in items]
+        values = await self.reader.read([("GET", k) for k in keys]) if self.read else [None] * len(keys)
+        counts: dict[str, int] = {}
+        for (event, commit), key, value in zip(items, keys, values, strict=True):
+            self.calls.append((event.event_id, commit.duplicate))
+            if commit.duplicate:
+                continue
+            counts[key] = counts.get(key, int(value or 0)) + 1
+            commit.write("SET", key, counts[key])
+            await echo(event, commit)
+
+
+async def test_stage_when_an_event_comes_again_its_state_load_marks_it_duplicate_and_it_counts_once(
+    redis: AnyRedis, bus: Bus
+) -> None:
+    first = order(1, portfolio="pf-count")
+    copy = Event.new(first.payload, portfolio_id=first.portfolio_id, event_id=first.event_id)
+    later = order(2, portfolio="pf-count")
+    stage = Counter(bus)
+    consumer = Consumer(
+        bus, "counter", {EventType.ORDER_REQUESTED: Batch(stage.handle, reads_state=True)},
+        exclusive=True, precheck_duplicates=True,
+    )
+    await consumer.start()
+    try:
+        await bus.publish_many([first, copy])  # a copy in the same read: dropped before the stage
+        await eventually(lambda: _outputs(redis, bus, 1))
+        await bus.publish(copy)  # a copy after the first was committed: the state load finds it
+        await bus.publish(later)
+        await eventually(lambda: (later.event_id, False) in stage.calls)
+    finally:
+        consumer.stop()
+        assert await consumer.wait(10)
+
+    assert stage.calls == [(first.event_id, False), (first.event_id, True), (later.event_id, False)]
+    key = bus.keys.state(bus.keys.shard_of("pf-count"), "count", "pf-count")
+    assert await redis.get(key) == b"2"
+    assert await stream_total(redis, bus, EventType.ORDER_VALIDATED) == 2
+    assert await bus.backlog("counter", [EventType.ORDER_REQUESTED]) == 0
+
+
+async def test_stage_when_a_reads_state_handler_never_loads_its_state_commits_nothing(
+    redis: AnyRedis, bus: Bus
+) -> None:
+    """Without the load there is no duplicate check and no state version: what it decided
+    must not commit (it fails, and ends in the dead letters)."""
+    stage = Counter(bus, read=False)
+    consumer = Consumer(
+        bus, "counter", {EventType.ORDER_REQUESTED: Batch(stage.handle, reads_state=True)},
+        exclusive=True, precheck_duplicates=True,
+    )
+    await bus.publish(order(1, portfolio="pf-noread"))
+    await run_until(consumer, lambda: _dead_letters(bus, 1))
+    assert await stream_total(redis, bus, EventType.ORDER_VALIDATED) == 0
+    [dead] = await bus.dead_letters()
+    assert dead.reason == "handler_error" and "without loading its state" in dead.error
+
+
+async def _dead_letters(bus: Bus, n: int) -> bool:
+    return len(await bus.dead_letters()) >= n
