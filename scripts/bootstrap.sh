@@ -27,8 +27,9 @@ as_root() {
 system_packages_missing() {
     local tool
     # promtool and prometheus (Debian's prometheus package): the chart's alert rules and
-    # dashboard are checked with them (tests/k8s)
-    for tool in redis-server redis-cli redis-benchmark promtool prometheus; do
+    # dashboard are checked with them (tests/k8s); wrk drives the gateway over HTTP
+    # (loadtest/bench_http.py)
+    for tool in redis-server redis-cli redis-benchmark promtool prometheus wrk; do
         command -v "$tool" >/dev/null 2>&1 || return 0
     done
     [ -x "$PG_BIN/initdb" ] || return 0
@@ -36,14 +37,14 @@ system_packages_missing() {
 }
 
 if system_packages_missing; then
-    log "installing redis-server, redis-tools, postgresql (apt)"
+    log "installing redis-server, redis-tools, postgresql, prometheus, wrk (apt)"
     # The packages' own system services are not used (devstack runs its own
     # processes on other ports); if they auto-start on 6379/5432 that is harmless.
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        redis-server redis-tools postgresql prometheus
+        redis-server redis-tools postgresql prometheus wrk
     if system_packages_missing; then
-        log "apt finished but redis, promtool, prometheus or $PG_BIN/initdb is still missing" >&2
+        log "apt finished but redis, promtool, prometheus, wrk or $PG_BIN/initdb is still missing" >&2
         exit 1
     fi
 else

@@ -150,3 +150,15 @@ def test_bench_failover_when_run_briefly_recovers_every_shard_and_handles_each_o
     assert [r["signal"] for r in data["failover"]["rounds"]] == ["SIGKILL", "SIGTERM"]
     assert all(r["recovery_s"] > 0 for r in data["failover"]["rounds"])
     assert data["idle"]["commands_sent_per_s_per_member"] > 0
+
+
+def test_bench_http_when_run_briefly_reports_requests_and_gateway_cpu_per_order(
+    redis_single_url: str, postgres_dsn: str, tmp_path: Path
+) -> None:
+    result = tmp_path / "http.json"
+    _run(["loadtest/bench_http.py", "--seconds", "3", "--warmup", "1", "--connections", "4", "--shards", "4",
+          "--portfolios", "2", "--json", str(result)], 180)
+    data = json.loads(result.read_text())
+    assert data["accepted"] > 0 and set(data["statuses"]) == {"202"} and data["socket_errors"] == 0
+    assert data["requests_per_s"] > 0 and 0 < data["p50_ms"] <= data["p99_ms"]
+    assert data["gateway_cpu_us_per_order"] > 0
