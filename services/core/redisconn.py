@@ -192,7 +192,10 @@ class Lane:
         node: Any = None
         name = ""
         if self._cluster:
-            node = self.redis.get_node_from_key(key)  # type: ignore[union-attr]
+            try:
+                node = self.redis.get_node_from_key(key)  # type: ignore[union-attr]
+            except RedisClusterException:  # the slot map is being reloaded (a failover)
+                return await self.redis.execute_command(*args, **fallback)
             name = node.name
         conn: Any = self._conns.get(name)
         if conn is None:

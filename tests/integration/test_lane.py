@@ -110,3 +110,4 @@ async def test_lane_when_the_slot_map_is_stale_follows_the_redirect(cluster_targ
     finally:
         await redis.delete(key)
         await redis.aclose()
+
