@@ -357,6 +357,15 @@ def startup_problem(settings: CoreSettings, exc: BaseException) -> str:
         why = f"authentication failed for user {user!r} (check ZVT_REDIS_PASSWORD / the URL's password): {text}"
     elif "SSL" in text or "certificate" in text or "TLS" in text:
         why = f"TLS handshake failed (check ZVT_REDIS_TLS_* and the rediss:// URL): {text}"
+    elif settings.redis_tls and isinstance(cause, ConnectionError) and (
+        "Connection reset" in text or "closed by server" in text
+    ):
+        # TLS 1.3: a server that wants a client certificate decides after the handshake, and
+        # its alert can lose the race against the reset that follows it
+        why = (
+            "the TLS server closed the connection after the handshake (does it require a client "
+            f"certificate? check ZVT_REDIS_TLS_CERT_FILE and ZVT_REDIS_TLS_KEY_FILE): {text}"
+        )
     elif "wrong version number" in text or isinstance(cause, ConnectionError) and "Connection reset" in text:
         why = f"connection refused or reset (a TLS server needs a rediss:// URL): {text}"
     else:

@@ -130,13 +130,16 @@ async def test_redis_when_tls_with_ca_and_client_certificate_connects(mtls_redis
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"redis_tls_cert_file": None, "redis_tls_key_file": None}, "alert certificate required"),  # no client cert
-        ({"redis_tls_ca_file": None}, "certificate verify failed"),  # the system CAs do not know ours
+        # no client certificate: the server's alert, or (TLS 1.3: it decides after the
+        # handshake, and its reset can overtake the alert) the hint to check the certificate
+        ({"redis_tls_cert_file": None, "redis_tls_key_file": None},
+         ("alert certificate required", "require a client certificate? check ZVT_REDIS_TLS_CERT_FILE")),
+        ({"redis_tls_ca_file": None}, ("certificate verify failed",)),  # the system CAs do not know ours
     ],
     ids=["no-client-certificate", "unknown-ca"],
 )
 async def test_redis_when_tls_is_refused_fails_at_start_with_one_line(
-    mtls_redis: TlsRedis, change: dict[str, object], reason: str
+    mtls_redis: TlsRedis, change: dict[str, object], reason: tuple[str, ...]
 ) -> None:
     values: dict[str, object] = {
         "redis_url": mtls_redis.url(), "redis_password": PW, "redis_tls_ca_file": str(mtls_redis.pki.ca),
@@ -148,7 +151,7 @@ async def test_redis_when_tls_is_refused_fails_at_start_with_one_line(
         await open_checked(CoreSettings(**values))  # type: ignore[arg-type]
     line = failed.value.line
     assert "\n" not in line and line.startswith(f"cannot use Redis at {mtls_redis.url()}: "), line
-    assert reason in line, line
+    assert any(r in line for r in reason), line
     assert PW not in line
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.core.redact import forget_all
-from services.core.redisconn import HiredisPackingConnection, HiredisPackingSSLConnection, connect
+from services.core.redisconn import HiredisPackingConnection, HiredisPackingSSLConnection, connect, startup_problem
 from services.core.settings import CoreSettings, PostgresSettings, SettingsError, load
 
 PW = "s3cret-redis-password"
@@ -108,3 +108,16 @@ def test_postgres_settings_when_set_become_libpq_parameters(monkeypatch: pytest.
     monkeypatch.setenv("ZVT_POSTGRES_SSLROOTCERT", "/nowhere/root.crt")
     with pytest.raises(SettingsError, match="^invalid setting ZVT_POSTGRES_SSLROOTCERT: .*no such file"):
         load(PostgresSettings)
+
+
+def test_startup_problem_when_a_tls_server_resets_after_the_handshake_points_at_the_client_certificate() -> None:
+    """TLS 1.3: a server that wants a client certificate says so after the handshake, and the
+    reset that follows its alert can arrive first; the line must still point at the cause."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    reset = RedisConnectionError("Error while reading from 127.0.0.1:6380 : (104, 'Connection reset by peer')")
+    tls = startup_problem(CoreSettings(redis_url="rediss://127.0.0.1:6380/0"), reset)
+    assert tls.startswith("cannot use Redis at rediss://127.0.0.1:6380/0: the TLS server closed the connection")
+    assert "ZVT_REDIS_TLS_CERT_FILE" in tls
+    plain = startup_problem(CoreSettings(redis_url="redis://127.0.0.1:6380/0"), reset)
+    assert "a TLS server needs a rediss:// URL" in plain
