@@ -358,6 +358,11 @@ end
 return out
 """
 
+def state_read_call(ops: Sequence[tuple[Any, ...]]) -> tuple[list[Any], list[bytes]]:
+    """The keys and arguments of ``STATE_READ_LUA`` for ``ops`` (``(command, key, *args)`` each)."""
+    return [op[1] for op in ops], [_pack([[op[0], *op[2:]] for op in ops])]
+
+
 _PUBLISH_LUA = """
 -- ARGV[1] msgpack: a list of {stream, data}; appends each, returns the entry ids in order
 local ids = {}
@@ -1311,9 +1316,8 @@ class Consumer:
 
     async def _read_state(self, ops: list[tuple[Any, ...]], lane: Lane | None) -> list[Any]:
         """Reads of one slot in one script call (``STATE_READ_LUA``)."""
-        keys = [op[1] for op in ops]
-        spec = _pack([[op[0], *op[2:]] for op in ops])
-        result: list[Any] = await self._script(lane, self.bus._read, keys, [spec])
+        keys, args = state_read_call(ops)
+        result: list[Any] = await self._script(lane, self.bus._read, keys, args)
         return result
 
     @staticmethod

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from services.core.bus import STATE_READ_LUA, current_state_read
+from services.core.bus import STATE_READ_LUA, current_state_read, state_read_call
 from services.core.events import (
     Event,
     OrderRequested,
@@ -389,7 +389,6 @@ class StateReader:
     def __init__(self, redis: Any) -> None:
         self._redis = redis
         self._script: Any = None
-        self._pack = msgspec.msgpack.Encoder().encode
 
     async def read(self, ops: list[tuple[str, ...]]) -> list[Any]:
         """``ops``: ``(command, key, *args)`` each (GET, HGET, HGETALL, EXISTS, ...); the
@@ -401,9 +400,8 @@ class StateReader:
             return []
         if self._script is None:
             self._script = self._redis.register_script(STATE_READ_LUA)
-        keys = [op[1] for op in ops]
-        spec = self._pack([[op[0], *op[2:]] for op in ops])
-        result: list[Any] = await self._script(keys=keys, args=[spec])
+        keys, args = state_read_call(ops)
+        result: list[Any] = await self._script(keys=keys, args=args)
         return result
 
 
