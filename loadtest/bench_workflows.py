@@ -14,8 +14,13 @@ Where a run's time goes: each task reports how long its body took; the rest of t
 latency is the engine's dispatch (queueing a task, assigning it to the worker, reporting its
 result, starting the next) plus the gateway's submit and its wait.
 
+Where the machine's CPU goes: for each phase, the CPU time each process used (user + system,
+a service with its child processes; the engine; PostgreSQL's processes together; Redis; this
+client), per order. On a machine whose cores are all busy that, not the wait, sets how many
+runs a second it can do.
+
 Prints a summary and, with ``--json``, writes ``p50_ms``, ``p99_ms``, ``runs_per_s``,
-``fastpath_p50_ms``, ``fastpath_p99_ms`` and the breakdown.
+``fastpath_p50_ms``, ``fastpath_p99_ms``, ``cpu_ms_per_order`` and the breakdown.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devstack import hatchet  # noqa: E402
@@ -45,6 +52,51 @@ LIMITS = {"max_notional_per_order": "1000000", "max_position_per_symbol": "10000
           "max_orders_per_window": 1_000_000, "window_seconds": 1}
 
 
+class CpuMeter:
+    """CPU seconds used so far, by group of processes (a group's children and, for PostgreSQL,
+    every server process, however short-lived, are counted while they live)."""
+
+    def __init__(self, groups: dict[str, list[int]], by_name: dict[str, str]) -> None:
+        self.groups = {label: [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+                       for label, pids in groups.items()}
+        self.by_name = by_name  # label -> process name (all processes of that name)
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        seen: set[int] = set()
+        for proc in procs:
+            try:
+                family = [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in family:
+                if p.pid in seen:
+                    continue
+                seen.add(p.pid)
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+        return total
+
+    def sample(self) -> dict[str, float]:
+        out = {label: self._cpu(procs) for label, procs in self.groups.items()}
+        for label, name in self.by_name.items():
+            out[label] = self._cpu([p for p in psutil.process_iter(["name"]) if p.info["name"] == name])
+        return out
+
+
+def cpu_per_order(before: dict[str, float], after: dict[str, float], orders: int) -> dict[str, float]:
+    """CPU milliseconds per order by group, and ``total``."""
+    if not orders:
+        return {}
+    out = {label: round((after[label] - before[label]) * 1000 / orders, 2) for label in before}
+    out["total"] = round(sum(out.values()), 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -52,8 +104,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def phase(client: AsyncClient, portfolios: list[str], seconds: float, concurrency: int,
-                durable: bool) -> tuple[list[float], list[dict[str, Any]], float, int]:
+async def phase(client: AsyncClient, portfolios: list[str], seconds: float, concurrency: int, durable: bool,
+                meter: CpuMeter | None = None
+                ) -> tuple[list[float], list[dict[str, Any]], float, int, dict[str, float]]:
+    """The latencies, the runs' results (durable), the seconds, the errors, and the CPU used
+    by the end of the orders (``meter``), before the runs' results are read."""
     latencies: list[float] = []
     runs: list[str] = []
     errors = 0
@@ -83,10 +138,11 @@ async def phase(client: AsyncClient, portfolios: list[str], seconds: float, conc
     began = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - began
+    cpu = meter.sample() if meter is not None else {}
     results: list[dict[str, Any]] = []
     if durable:
         results = await run_results(client, runs)
-    return latencies, results, elapsed, errors
+    return latencies, results, elapsed, errors, cpu
 
 
 async def run_results(client: AsyncClient, order_ids: list[str]) -> list[dict[str, Any]]:
@@ -120,6 +176,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "ZVT_WORKFLOWS_RISK_MONITOR_CRON": "", "ZVT_WORKFLOWS_RECONCILE_CRON": "",
     }
     with http_fleet(env=env, services=(*SERVICES, "workflows")) as fleet:
+        groups = {name: [p.popen.pid for p in procs] for name, procs in fleet.fleet.procs.items()}
+        groups["bench-client"] = [os.getpid()]
+        meter = CpuMeter(groups, {"hatchet-engine": "hatchet-engine", "postgres": "postgres", "redis": "redis-server"})
         async with AsyncClient(fleet.url, fleet.admin_key, timeout=60) as client:
             portfolios = [f"bench-{i}" for i in range(args.portfolios)]
             for pid in portfolios:
@@ -127,9 +186,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # warm both paths
             await phase(client, portfolios, 2, args.concurrency, durable=False)
             await phase(client, portfolios, 2, args.concurrency, durable=True)
-            fast, _, fast_s, fast_err = await phase(client, portfolios, args.seconds, args.concurrency, durable=False)
-            slow, results, slow_s, slow_err = await phase(client, portfolios, args.seconds, args.concurrency,
-                                                          durable=True)
+            cpu0 = meter.sample()
+            fast, _, fast_s, fast_err, cpu1 = await phase(client, portfolios, args.seconds, args.concurrency,
+                                                          durable=False, meter=meter)
+            slow, results, slow_s, slow_err, cpu2 = await phase(client, portfolios, args.seconds, args.concurrency,
+                                                                durable=True, meter=meter)
     tasks = ["validate_request", "check_risk_limits", "create_order_record", "execute_order", "update_portfolio"]
     bodies = {t: statistics.median([r["task_ms"][t] for r in results if "task_ms" in r]) if results else None
               for t in tasks}
@@ -149,6 +210,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "task_bodies_ms": round(body_total, 1),
         "dispatch_and_api_ms": round(p50 - body_total, 1),
         "start_p50_ms": round(statistics.median(starts), 1) if starts else None,
+        "cpu_ms_per_order": cpu_per_order(cpu1, cpu2, len(slow)),
+        "fastpath_cpu_ms_per_order": cpu_per_order(cpu0, cpu1, len(fast)),
         "target_p50_ms": 75,
     }
 
@@ -169,6 +232,8 @@ def main() -> None:
     print(f"where a run's p50 goes: task bodies {report['task_bodies_ms']} ms "
           f"{report['task_body_p50_ms']}, engine dispatch + API {report['dispatch_and_api_ms']} ms; "
           f"accepted to first step (trigger, engine, SDK) p50 {report['start_p50_ms']} ms")
+    for label in ("cpu_ms_per_order", "fastpath_cpu_ms_per_order"):
+        print(f"{label:26} " + ", ".join(f"{k} {v}" for k, v in report[label].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
