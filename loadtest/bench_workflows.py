@@ -60,14 +60,14 @@ class CpuMeter:
         self.groups = {label: [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
                        for label, pids in groups.items()}
         self.by_name = by_name  # label -> process name (all processes of that name)
+        self.me = psutil.Process()
 
-    @staticmethod
-    def _cpu(procs: list[psutil.Process]) -> float:
+    def _cpu(self, procs: list[psutil.Process]) -> float:
         total = 0.0
         seen: set[int] = set()
         for proc in procs:
-            try:
-                family = [proc, *proc.children(recursive=True)]
+            try:  # this client's children are the fleet, counted on their own
+                family = [proc] if proc.pid == self.me.pid else [proc, *proc.children(recursive=True)]
             except psutil.Error:
                 continue
             for p in family:
@@ -76,7 +76,7 @@ class CpuMeter:
                 seen.add(p.pid)
                 try:
                     t = p.cpu_times()
-                    total += t.user + t.system + t.children_user + t.children_system
+                    total += t.user + t.system
                 except psutil.Error:
                     pass
         return total
