@@ -78,6 +78,7 @@ __all__ = [
     "Handler",
     "PermanentError",
     "Unavailable",
+    "VersionedRead",
     "default_consumer_name",
 ]
 
@@ -177,8 +178,31 @@ class StateRead:
         return replies[len(extra):]
 
 
-current_state_read: ContextVar[StateRead | None] = ContextVar("current_state_read", default=None)
-"""Set while a ``Batch(reads_state=True)`` handler runs under a consumer."""
+class VersionedRead:
+    """One event's state reads outside a consumer (a workflow task calling a stage, then
+    ``Bus.apply``): the first also asks, in the same script call, at which version ``group``'s
+    state in ``shard`` is read (``version``, for ``apply``)."""
+
+    __slots__ = ("_bus", "_key", "done", "version")
+
+    def __init__(self, bus: Bus, group: str, shard: int) -> None:
+        self._bus = bus
+        self._key = bus.keys.version(shard, group)
+        self.done = False
+        self.version = "0"
+
+    async def read(self, ops: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if self.done:
+            return await self._bus.read_state(ops) if ops else []
+        replies = await self._bus.read_state([("GET", self._key), *ops])
+        self.done = True
+        self.version = _s(replies[0]) if replies[0] else "0"
+        return replies[1:]
+
+
+current_state_read: ContextVar[StateRead | VersionedRead | None] = ContextVar("current_state_read", default=None)
+"""Set while a ``Batch(reads_state=True)`` handler runs under a consumer, or a stage's handler
+under ``Bus.apply``'s caller (``VersionedRead``)."""
 
 
 UNAVAILABLE_BACKOFF_S = 0.1
@@ -457,6 +481,13 @@ class Bus:
         return result
 
     # -- groups, lag, dead letters -----------------------------------------------------------
+
+    async def read_state(self, ops: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Reads of one slot in one script call (``STATE_READ_LUA``); ``ops``: ``(command,
+        key, *args)`` each; their replies in order."""
+        keys, args = state_read_call(ops)
+        result: list[Any] = await self._read(keys=keys, args=args)
+        return result
 
     async def state_version(self, group: str, shard: int) -> str:
         """The version of ``group``'s state in ``shard``, to pass to ``apply``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from services.core.bus import Bus, Commit
+from services.core.bus import Bus, Commit, VersionedRead, current_state_read
 from services.core.events import Event
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
@@ -50,15 +50,26 @@ class Stages:
         """Handle ``event`` as stage ``group`` would and commit it; the events it emitted.
 
         Idempotent: run again for the same event, it writes nothing and returns the events of
-        the first commit. A stage's permanent refusal (``PermanentError``) propagates."""
+        the first commit. A stage's permanent refusal (``PermanentError``) propagates.
+
+        The stages load their state through ``StateReader`` before they decide: the version of
+        the state that ``apply`` checks comes with that first read (``VersionedRead``), not in
+        a round trip of its own."""
         bus = self.bus
         shard = bus.keys.shard_of(event.portfolio_id)
         for _ in range(_ATTEMPTS):
-            version = await bus.state_version(group, shard)
             commit = Commit(bus.keys, shard)
-            await handle([(event, commit)])
+            reading = VersionedRead(bus, group, shard)
+            token = current_state_read.set(reading)
+            try:
+                await handle([(event, commit)])
+            finally:
+                current_state_read.reset(token)
             if commit.error is not None:
                 raise commit.error
+            # a handler that decided without reading any state depends on none: the version
+            # as it is now serves (none of today's stages does that)
+            version = reading.version if reading.done else await bus.state_version(group, shard)
             emitted = await bus.apply(group, event, commit, version)
             if emitted is not None:
                 return emitted
