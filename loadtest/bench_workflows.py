@@ -35,15 +35,18 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devstack import hatchet  # noqa: E402
+from devstack import hatchet, stack  # noqa: E402
 from loadtest.localfleet import SERVICES, http_fleet  # noqa: E402
 from services.client import AsyncClient, OrderRequest  # noqa: E402
 
@@ -88,6 +91,39 @@ class CpuMeter:
         return out
 
 
+class Counts:
+    """Work counted, not timed (the same on a busy machine): the commands the fleet's Redis
+    served and the transactions the engine's database committed."""
+
+    def __init__(self, redis_url: str, postgres_dsn: str) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.dsn = postgres_dsn
+
+    def sample(self) -> dict[str, int]:
+        stats = self.redis.info("commandstats")
+        out = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+                               (hatchet.DATABASE,)).fetchone()
+        out["hatchet-db transactions"] = int(row[0]) if row else 0
+        return out
+
+
+def counts_per_order(before: dict[str, int], after: dict[str, int], orders: int) -> dict[str, float]:
+    """Redis commands per order (``redis total`` and the busiest commands) and the engine
+    database's transactions per order."""
+    if not orders:
+        return {}
+    delta = {k: (after.get(k, 0) - before.get(k, 0)) / orders for k in after}
+    txn = delta.pop("hatchet-db transactions", 0.0)
+    delta.pop("info", None)  # this meter's own
+    top = sorted(((k, v) for k, v in delta.items() if v > 0), key=lambda kv: -kv[1])
+    out = {"redis total": round(sum(delta.values()), 2)}
+    out.update({f"redis {k}": round(v, 2) for k, v in top[:6]})
+    out["hatchet-db transactions"] = round(txn, 2)
+    return out
+
+
 def cpu_per_order(before: dict[str, float], after: dict[str, float], orders: int) -> dict[str, float]:
     """CPU milliseconds per order by group, and ``total``."""
     if not orders:
@@ -105,10 +141,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def phase(client: AsyncClient, portfolios: list[str], seconds: float, concurrency: int, durable: bool,
-                meter: CpuMeter | None = None
-                ) -> tuple[list[float], list[dict[str, Any]], float, int, dict[str, float]]:
-    """The latencies, the runs' results (durable), the seconds, the errors, and the CPU used
-    by the end of the orders (``meter``), before the runs' results are read."""
+                sample: Callable[[], Any] = lambda: None
+                ) -> tuple[list[float], list[dict[str, Any]], float, int, Any]:
+    """The latencies, the runs' results (durable), the seconds, the errors, and what
+    ``sample`` said at the end of the orders, before the runs' results were read."""
     latencies: list[float] = []
     runs: list[str] = []
     errors = 0
@@ -138,11 +174,11 @@ async def phase(client: AsyncClient, portfolios: list[str], seconds: float, conc
     began = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - began
-    cpu = meter.sample() if meter is not None else {}
+    at_end = sample()
     results: list[dict[str, Any]] = []
     if durable:
         results = await run_results(client, runs)
-    return latencies, results, elapsed, errors, cpu
+    return latencies, results, elapsed, errors, at_end
 
 
 async def run_results(client: AsyncClient, order_ids: list[str]) -> list[dict[str, Any]]:
@@ -179,6 +215,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         groups = {name: [p.popen.pid for p in procs] for name, procs in fleet.fleet.procs.items()}
         groups["bench-client"] = [os.getpid()]
         meter = CpuMeter(groups, {"hatchet-engine": "hatchet-engine", "postgres": "postgres", "redis": "redis-server"})
+        counter = Counts(fleet.redis_url, stack.ensure_postgres().rsplit("/", 1)[0] + f"/{hatchet.DATABASE}")
         async with AsyncClient(fleet.url, fleet.admin_key, timeout=60) as client:
             portfolios = [f"bench-{i}" for i in range(args.portfolios)]
             for pid in portfolios:
@@ -186,11 +223,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # warm both paths
             await phase(client, portfolios, 2, args.concurrency, durable=False)
             await phase(client, portfolios, 2, args.concurrency, durable=True)
-            cpu0 = meter.sample()
-            fast, _, fast_s, fast_err, cpu1 = await phase(client, portfolios, args.seconds, args.concurrency,
-                                                          durable=False, meter=meter)
-            slow, results, slow_s, slow_err, cpu2 = await phase(client, portfolios, args.seconds, args.concurrency,
-                                                                durable=True, meter=meter)
+            def sample() -> tuple[dict[str, float], dict[str, int]]:
+                return meter.sample(), counter.sample()
+
+            cpu0, n0 = sample()
+            fast, _, fast_s, fast_err, (cpu1, n1) = await phase(client, portfolios, args.seconds, args.concurrency,
+                                                                durable=False, sample=sample)
+            slow, results, slow_s, slow_err, (cpu2, n2) = await phase(
+                client, portfolios, args.seconds, args.concurrency, durable=True, sample=sample)
     tasks = ["validate_request", "check_risk_limits", "create_order_record", "execute_order", "update_portfolio"]
     bodies = {t: statistics.median([r["task_ms"][t] for r in results if "task_ms" in r]) if results else None
               for t in tasks}
@@ -212,6 +252,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "start_p50_ms": round(statistics.median(starts), 1) if starts else None,
         "cpu_ms_per_order": cpu_per_order(cpu1, cpu2, len(slow)),
         "fastpath_cpu_ms_per_order": cpu_per_order(cpu0, cpu1, len(fast)),
+        "counts_per_order": counts_per_order(n1, n2, len(slow)),
+        "fastpath_counts_per_order": counts_per_order(n0, n1, len(fast)),
         "target_p50_ms": 75,
     }
 
@@ -232,7 +274,7 @@ def main() -> None:
     print(f"where a run's p50 goes: task bodies {report['task_bodies_ms']} ms "
           f"{report['task_body_p50_ms']}, engine dispatch + API {report['dispatch_and_api_ms']} ms; "
           f"accepted to first step (trigger, engine, SDK) p50 {report['start_p50_ms']} ms")
-    for label in ("cpu_ms_per_order", "fastpath_cpu_ms_per_order"):
+    for label in ("cpu_ms_per_order", "fastpath_cpu_ms_per_order", "counts_per_order", "fastpath_counts_per_order"):
         print(f"{label:26} " + ", ".join(f"{k} {v}" for k, v in report[label].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
