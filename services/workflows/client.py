@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -28,12 +29,14 @@ class WorkerConfig(ClientConfig):
     nothing runs, each until its execution timeout (a container runtime kills it with the
     container; a bare process manager may not). Unpickled in that process, this configuration
     asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), and exits at once if
-    the worker (``ZVT_WORKFLOWS_WORKER_PID``) is already gone.
+    the worker (``ZVT_WORKFLOWS_WORKER_PID``) is already gone. Its SDK logger passes warnings
+    and errors, as in the worker (``hatchet_client``).
     """
 
     def __setstate__(self, state: Any) -> None:
         super().__setstate__(state)
         _die_with_the_worker()
+        logging.getLogger("hatchet").setLevel(logging.WARNING)
 
 
 def _die_with_the_worker() -> None:
@@ -54,6 +57,11 @@ def hatchet_client(settings: HatchetSettings, *, health: HealthcheckConfig | Non
         raise ValueError("ZVT_HATCHET_TOKEN is not set")
     if worker:
         os.environ[WORKER_PID] = str(os.getpid())  # inherited by the SDK's listener process
+    # The SDK's logger (a handler of its own, at INFO) writes three lines for every task run
+    # (received, started, finished), a CPU cost on every run for what the run records and our
+    # own logs already say. It passes what every other library's logger passes here: the root
+    # logger's level, warnings and errors (``services.core.telemetry.setup_logging``).
+    logging.getLogger("hatchet").setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
     config = (WorkerConfig if worker else ClientConfig)(
         token=settings.token.get_secret_value(),
         host_port=settings.host_port,
