@@ -233,3 +233,59 @@ async def test_open_orders_when_the_venue_holds_an_order_the_store_never_saw_lis
     orphans = [o for o in await venue.open_orders() if o.client_order_id == "orphan-1"]
     assert len(orphans) == 1 and orphans[0].status is VenueOrderStatus.OPEN
     assert (await venue.fetch_order("BTC/USDT", client_order_id="orphan-1")).venue_order_id == orphans[0].venue_order_id
+
+
+def _plain_binance(sim: Sim) -> Any:
+    """ccxt's binance client as anyone would build it: the keys, and every API URL pointed at
+    the server (same paths, the server's base instead of Binance's hosts). No options."""
+    import ccxt.async_support as ccxt_async
+    from urllib.parse import urlsplit
+
+    client = ccxt_async.binance({"apiKey": "sim-key", "secret": "sim-secret"})
+    client.urls["api"] = {name: sim.url + urlsplit(url).path for name, url in client.urls["api"].items()}
+    return client
+
+
+async def test_plain_ccxt_binance_with_only_the_urls_and_keys_loads_markets_and_trades_against_the_sim(
+    sim: Sim,
+) -> None:
+    client = _plain_binance(sim)
+    try:
+        markets = await client.load_markets()
+        assert set(markets) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
+        btc = markets["BTC/USDT"]
+        assert (btc["id"], btc["type"], btc["spot"], btc["active"]) == ("BTCUSDT", "spot", True, True)
+        assert not btc["margin"]
+        steps = (btc["precision"]["price"], btc["precision"]["amount"])
+        assert tuple(D(str(s)) for s in steps) == (D("0.01"), D("0.00001"))
+        assert D(str(btc["limits"]["amount"]["min"])) == D("0.00001")
+        assert D(str(btc["limits"]["cost"]["min"])) == D("5")
+        assert D(str(markets["SOL/USDT"]["precision"]["amount"])) == D("0.001")
+
+        currencies = await client.fetch_currencies()
+        assert set(currencies) == {"BTC", "ETH", "SOL", "USDT"}
+        assert currencies["USDT"]["active"] and currencies["USDT"]["type"] == "crypto"
+
+        balance = await client.fetch_balance()
+        assert balance["free"]["USDT"] == 1e12 and balance["used"]["BTC"] == 0
+        assert set(balance["total"]) >= {"BTC", "ETH", "SOL", "USDT"}
+
+        bought = await client.create_order("BTC/USDT", "market", "buy", 0.01)
+        assert bought["status"] == "closed" and bought["filled"] == 0.01 and bought["trades"]
+        resting = await client.create_order("BTC/USDT", "limit", "buy", 0.02, 50000)
+        assert resting["status"] == "open" and resting["price"] == 50000
+
+        found = await client.fetch_order(resting["id"], "BTC/USDT")
+        assert (found["id"], found["status"], found["amount"]) == (resting["id"], "open", 0.02)
+        trades = await client.fetch_my_trades("BTC/USDT")
+        assert {t["order"] for t in trades} == {bought["id"]}
+        assert sum(t["amount"] for t in trades) == pytest.approx(0.01)
+        assert {t["id"] for t in trades} == {t["id"] for t in bought["trades"]}
+
+        canceled = await client.cancel_order(resting["id"], "BTC/USDT")
+        assert canceled["status"] == "canceled"
+        assert (await client.fetch_order(resting["id"], "BTC/USDT"))["status"] == "canceled"
+        after = await client.fetch_balance()
+        assert after["total"]["BTC"] == pytest.approx(1e12 + 0.01) and after["used"]["USDT"] == 0
+    finally:
+        await client.close()
