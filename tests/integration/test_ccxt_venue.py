@@ -287,5 +287,11 @@ async def test_plain_ccxt_binance_with_only_the_urls_and_keys_loads_markets_and_
         assert (await client.fetch_order(resting["id"], "BTC/USDT"))["status"] == "canceled"
         after = await client.fetch_balance()
         assert after["total"]["BTC"] == pytest.approx(1e12 + 0.01) and after["used"]["USDT"] == 0
+
+        # Anything else (here the futures account) is Binance's error, which ccxt raises as its own.
+        import ccxt
+
+        with pytest.raises(ccxt.OperationFailed, match="-1000.*unknown endpoint GET /fapi/v3/account"):
+            await client.fetch_balance({"type": "future"})
     finally:
         await client.close()
