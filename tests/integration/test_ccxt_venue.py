@@ -99,7 +99,12 @@ def _order(coid: str, side: Side = Side.BUY, quantity: str = "0.01", price: str 
 async def test_ccxt_order_flow_when_trading_against_the_sim_server_matches_the_paper_engine(
     venue: CcxtVenue, sim: Sim
 ) -> None:
+    before = sim.control("/sim/health")["requests"]
     markets = await venue.markets()
+    # Our client's options keep it to exchangeInfo and the trading fees (ccxt's defaults: seven and one).
+    assert sim.control("/sim/health")["requests"] - before == 2
+    # Every API URL is the server's, so nothing goes to the real exchange's hosts.
+    assert all(url.startswith(sim.url + "/") for url in venue.client.urls["api"].values())
     assert set(markets) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
     btc = markets["BTC/USDT"]
     assert (btc.price_step, btc.quantity_step, btc.taker_fee, btc.maker_fee) == (D("0.01"), D("0.00001"), D("0.001"), D("0.0005"))
@@ -251,7 +256,10 @@ async def test_plain_ccxt_binance_with_only_the_urls_and_keys_loads_markets_and_
 ) -> None:
     client = _plain_binance(sim)
     try:
+        before = sim.control("/sim/health")["requests"]
         markets = await client.load_markets()
+        # currencies, spot, linear and inverse futures, margin pairs (cross twice, isolated)
+        assert sim.control("/sim/health")["requests"] - before == 7
         assert set(markets) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
         btc = markets["BTC/USDT"]
         assert (btc["id"], btc["type"], btc["spot"], btc["active"]) == ("BTCUSDT", "spot", True, True)

@@ -479,7 +479,8 @@ class BinanceSim:
             return _problem("the body is not JSON")
         path = request.path
         if path == "/sim/health":
-            return _ok({"name": self.venue.name, "down": self.down, "faults": len(self.faults)})
+            return _ok({"name": self.venue.name, "down": self.down, "faults": len(self.faults),
+                        "requests": self.requests})
         if path == "/sim/orders":
             orders = [self._order(o) for o in self.venue.all_orders_now()]
             return _ok({"orders": orders})
