@@ -1,17 +1,22 @@
-"""The part of Binance's spot REST API (``/api/v3``, one ``/sapi`` call) that ccxt's
-``binance`` client uses for spot trading, backed by a ``PaperVenue``.
+"""The part of Binance's REST API that ccxt's ``binance`` client uses for spot trading, with
+its default options, backed by a ``PaperVenue`` (a spot-only account).
 
 Public: ``GET /api/v3/ping``, ``time``, ``exchangeInfo``, ``ticker/24hr``, ``ticker/bookTicker``,
-``depth``. Signed (``X-MBX-APIKEY`` header, ``timestamp`` within ``recvWindow``, and
+``depth``; ``GET /fapi/v1/exchangeInfo`` and ``/dapi/v1/exchangeInfo`` with no symbols (ccxt's
+``load_markets`` reads the futures markets too). API key only: ``GET /sapi/v1/margin/allPairs``
+and ``margin/isolated/allPairs``, both empty. Signed (``X-MBX-APIKEY`` header, ``timestamp`` within ``recvWindow``, and
 ``signature`` = hex HMAC-SHA256 of the query string followed by the form body, keyed by the
 API secret): ``POST/DELETE/GET /api/v3/order``, ``GET /api/v3/openOrders``,
 ``GET /api/v3/myTrades`` (an order's executions, with the ids its ``FULL`` answer gave),
-``GET /api/v3/account``, ``GET /sapi/v1/asset/tradeFee``. Errors are Binance's
-``{"code": -NNNN, "msg": ...}`` with its codes, so ccxt maps them to its own exceptions.
+``GET /api/v3/account``, ``GET /sapi/v1/asset/tradeFee``, ``GET /sapi/v1/capital/config/getall``
+(ccxt's currencies: the venue's assets and balances, tradable, no deposit or withdrawal
+networks). Errors are Binance's ``{"code": -NNNN, "msg": ...}`` with its codes, so ccxt maps
+them to its own exceptions; any other endpoint is 404 ``{"code": -1000, "msg": "unknown
+endpoint ..."}``.
 
 Simulation controls (not Binance; no signature), under ``/sim``: see ``docs/venues.md``.
 
-- ``GET /sim/health``; ``GET /sim/orders`` every order the venue holds, terminal ones too;
+- ``GET /sim/health`` (with ``requests``: API requests served so far); ``GET /sim/orders`` every order the venue holds, terminal ones too;
 - ``POST /sim/price`` ``{"symbol": "BTC/USDT", "price": "61000"}`` moves the mid and fills
   the resting orders it reaches;
 - ``POST /sim/faults`` ``{"kind": ..., "times": n, ...}`` queues faults for the next order
