@@ -29,6 +29,7 @@ import enum
 from collections.abc import Mapping
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import ccxt.async_support as ccxt_async
@@ -58,7 +59,9 @@ from services.venues.base import (
 )
 from services.venues.limits import AccountBreaker, AccountLimiter
 
-__all__ = ["ERRORS", "CcxtVenue", "CcxtVenueConfig", "ErrorClass", "close_shared_clients", "shared_client"]
+__all__ = [
+    "ERRORS", "CcxtVenue", "CcxtVenueConfig", "ErrorClass", "api_urls_at", "close_shared_clients", "shared_client",
+]
 
 
 class ErrorClass(enum.Enum):
@@ -152,6 +155,10 @@ def shared_client(config: CcxtVenueConfig) -> Any:
                 "timeout": int(config.timeout_s * 1000),
                 "options": {
                     "defaultType": "spot",
+                    # Spot markets only, no currencies, no margin pairs: one request per
+                    # load_markets (exchangeInfo) instead of ccxt's default seven (futures
+                    # exchangeInfo twice, capital/config/getall, margin pairs three times),
+                    # none of which the platform uses. The simulated server serves those too.
                     "fetchMarkets": {"types": ["spot"]},
                     "fetchCurrencies": False,
                     "fetchMargins": False,
@@ -162,11 +169,21 @@ def shared_client(config: CcxtVenueConfig) -> Any:
         )
         client.number = str
         if config.api_url is not None:
-            base = config.api_url.rstrip("/")
-            client.urls["api"] = {"public": f"{base}/api/v3", "private": f"{base}/api/v3", "sapi": f"{base}/sapi/v1",
-                                  "sapiV2": f"{base}/sapi/v2", "sapiV3": f"{base}/sapi/v3"}
+            client.urls["api"] = api_urls_at(config.api_url, client.urls["api"])
         _CLIENTS[key] = client
     return client
+
+
+def api_urls_at(base: str, urls: Mapping[str, Any]) -> dict[str, Any]:
+    """Every API URL of a ccxt client moved to ``base``, paths kept
+    (``https://fapi.binance.com/fapi/v1`` -> ``http://127.0.0.1:9101/fapi/v1``), so no
+    request for any endpoint goes to the real exchange."""
+    base = base.rstrip("/")
+    return {
+        name: base + urlsplit(url).path if isinstance(url, str) else api_urls_at(base, url) if isinstance(url, Mapping)
+        else url
+        for name, url in urls.items()
+    }
 
 
 async def close_shared_clients() -> None:

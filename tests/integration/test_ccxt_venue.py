@@ -99,7 +99,12 @@ def _order(coid: str, side: Side = Side.BUY, quantity: str = "0.01", price: str 
 async def test_ccxt_order_flow_when_trading_against_the_sim_server_matches_the_paper_engine(
     venue: CcxtVenue, sim: Sim
 ) -> None:
+    before = sim.control("/sim/health")["requests"]
     markets = await venue.markets()
+    # Our client's options keep it to exchangeInfo and the trading fees (ccxt's defaults: seven and one).
+    assert sim.control("/sim/health")["requests"] - before == 2
+    # Every API URL is the server's, so nothing goes to the real exchange's hosts.
+    assert all(url.startswith(sim.url + "/") for url in venue.client.urls["api"].values())
     assert set(markets) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
     btc = markets["BTC/USDT"]
     assert (btc.price_step, btc.quantity_step, btc.taker_fee, btc.maker_fee) == (D("0.01"), D("0.00001"), D("0.001"), D("0.0005"))
@@ -233,3 +238,68 @@ async def test_open_orders_when_the_venue_holds_an_order_the_store_never_saw_lis
     orphans = [o for o in await venue.open_orders() if o.client_order_id == "orphan-1"]
     assert len(orphans) == 1 and orphans[0].status is VenueOrderStatus.OPEN
     assert (await venue.fetch_order("BTC/USDT", client_order_id="orphan-1")).venue_order_id == orphans[0].venue_order_id
+
+
+def _plain_binance(sim: Sim) -> Any:
+    """ccxt's binance client as anyone would build it: the keys, and every API URL pointed at
+    the server (same paths, the server's base instead of Binance's hosts). No options."""
+    import ccxt.async_support as ccxt_async
+    from urllib.parse import urlsplit
+
+    client = ccxt_async.binance({"apiKey": "sim-key", "secret": "sim-secret"})
+    client.urls["api"] = {name: sim.url + urlsplit(url).path for name, url in client.urls["api"].items()}
+    return client
+
+
+async def test_plain_ccxt_binance_with_only_the_urls_and_keys_loads_markets_and_trades_against_the_sim(
+    sim: Sim,
+) -> None:
+    client = _plain_binance(sim)
+    try:
+        before = sim.control("/sim/health")["requests"]
+        markets = await client.load_markets()
+        # currencies, spot, linear and inverse futures, margin pairs (cross twice, isolated)
+        assert sim.control("/sim/health")["requests"] - before == 7
+        assert set(markets) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
+        btc = markets["BTC/USDT"]
+        assert (btc["id"], btc["type"], btc["spot"], btc["active"]) == ("BTCUSDT", "spot", True, True)
+        assert not btc["margin"]
+        steps = (btc["precision"]["price"], btc["precision"]["amount"])
+        assert tuple(D(str(s)) for s in steps) == (D("0.01"), D("0.00001"))
+        assert D(str(btc["limits"]["amount"]["min"])) == D("0.00001")
+        assert D(str(btc["limits"]["cost"]["min"])) == D("5")
+        assert D(str(markets["SOL/USDT"]["precision"]["amount"])) == D("0.001")
+
+        currencies = await client.fetch_currencies()
+        assert set(currencies) == {"BTC", "ETH", "SOL", "USDT"}
+        assert currencies["USDT"]["active"] and currencies["USDT"]["type"] == "crypto"
+
+        balance = await client.fetch_balance()
+        assert balance["free"]["USDT"] == 1e12 and balance["used"]["BTC"] == 0
+        assert set(balance["total"]) >= {"BTC", "ETH", "SOL", "USDT"}
+
+        bought = await client.create_order("BTC/USDT", "market", "buy", 0.01)
+        assert bought["status"] == "closed" and bought["filled"] == 0.01 and bought["trades"]
+        resting = await client.create_order("BTC/USDT", "limit", "buy", 0.02, 50000)
+        assert resting["status"] == "open" and resting["price"] == 50000
+
+        found = await client.fetch_order(resting["id"], "BTC/USDT")
+        assert (found["id"], found["status"], found["amount"]) == (resting["id"], "open", 0.02)
+        trades = await client.fetch_my_trades("BTC/USDT")
+        assert {t["order"] for t in trades} == {bought["id"]}
+        assert sum(t["amount"] for t in trades) == pytest.approx(0.01)
+        assert {t["id"] for t in trades} == {t["id"] for t in bought["trades"]}
+
+        canceled = await client.cancel_order(resting["id"], "BTC/USDT")
+        assert canceled["status"] == "canceled"
+        assert (await client.fetch_order(resting["id"], "BTC/USDT"))["status"] == "canceled"
+        after = await client.fetch_balance()
+        assert after["total"]["BTC"] == pytest.approx(1e12 + 0.01) and after["used"]["USDT"] == 0
+
+        # Anything else (here the futures account) is Binance's error, which ccxt raises as its own.
+        import ccxt
+
+        with pytest.raises(ccxt.OperationFailed, match="-1000.*unknown endpoint GET /fapi/v3/account"):
+            await client.fetch_balance({"type": "future"})
+    finally:
+        await client.close()

@@ -1,17 +1,22 @@
-"""The part of Binance's spot REST API (``/api/v3``, one ``/sapi`` call) that ccxt's
-``binance`` client uses for spot trading, backed by a ``PaperVenue``.
+"""The part of Binance's REST API that ccxt's ``binance`` client uses for spot trading, with
+its default options, backed by a ``PaperVenue`` (a spot-only account).
 
 Public: ``GET /api/v3/ping``, ``time``, ``exchangeInfo``, ``ticker/24hr``, ``ticker/bookTicker``,
-``depth``. Signed (``X-MBX-APIKEY`` header, ``timestamp`` within ``recvWindow``, and
+``depth``; ``GET /fapi/v1/exchangeInfo`` and ``/dapi/v1/exchangeInfo`` with no symbols (ccxt's
+``load_markets`` reads the futures markets too). API key only: ``GET /sapi/v1/margin/allPairs``
+and ``margin/isolated/allPairs``, both empty. Signed (``X-MBX-APIKEY`` header, ``timestamp`` within ``recvWindow``, and
 ``signature`` = hex HMAC-SHA256 of the query string followed by the form body, keyed by the
 API secret): ``POST/DELETE/GET /api/v3/order``, ``GET /api/v3/openOrders``,
 ``GET /api/v3/myTrades`` (an order's executions, with the ids its ``FULL`` answer gave),
-``GET /api/v3/account``, ``GET /sapi/v1/asset/tradeFee``. Errors are Binance's
-``{"code": -NNNN, "msg": ...}`` with its codes, so ccxt maps them to its own exceptions.
+``GET /api/v3/account``, ``GET /sapi/v1/asset/tradeFee``, ``GET /sapi/v1/capital/config/getall``
+(ccxt's currencies: the venue's assets and balances, tradable, no deposit or withdrawal
+networks). Errors are Binance's ``{"code": -NNNN, "msg": ...}`` with its codes, so ccxt maps
+them to its own exceptions; any other endpoint is 404 ``{"code": -1000, "msg": "unknown
+endpoint ..."}``.
 
 Simulation controls (not Binance; no signature), under ``/sim``: see ``docs/venues.md``.
 
-- ``GET /sim/health``; ``GET /sim/orders`` every order the venue holds, terminal ones too;
+- ``GET /sim/health`` (with ``requests``: API requests served so far); ``GET /sim/orders`` every order the venue holds, terminal ones too;
 - ``POST /sim/price`` ``{"symbol": "BTC/USDT", "price": "61000"}`` moves the mid and fills
   the resting orders it reaches;
 - ``POST /sim/faults`` ``{"kind": ..., "times": n, ...}`` queues faults for the next order
@@ -122,6 +127,14 @@ class BinanceSim:
             ("GET", "/api/v3/ticker/24hr"): self._ticker,
             ("GET", "/api/v3/ticker/bookTicker"): self._book_ticker,
             ("GET", "/api/v3/depth"): self._depth,
+            # ccxt's default load_markets also reads the futures markets: none here
+            ("GET", "/fapi/v1/exchangeInfo"): self._futures_info,
+            ("GET", "/dapi/v1/exchangeInfo"): self._futures_info,
+        }
+        # MARKET_DATA: the API key, no signature needed (ccxt signs them anyway)
+        self._keyed: dict[tuple[str, str], Callable[[dict[str, str]], Any]] = {
+            ("GET", "/sapi/v1/margin/allPairs"): self._no_margin,
+            ("GET", "/sapi/v1/margin/isolated/allPairs"): self._no_margin,
         }
         self._signed: dict[tuple[str, str], Callable[[dict[str, str]], Any]] = {
             ("POST", "/api/v3/order"): self._new_order,
@@ -131,6 +144,7 @@ class BinanceSim:
             ("GET", "/api/v3/myTrades"): self._my_trades,
             ("GET", "/api/v3/account"): self._account,
             ("GET", "/sapi/v1/asset/tradeFee"): self._trade_fee,
+            ("GET", "/sapi/v1/capital/config/getall"): self._coins,
         }
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -146,6 +160,10 @@ class BinanceSim:
             public = self._routes.get(key)
             if public is not None:
                 return _ok(public(request.params()))
+            keyed = self._keyed.get(key)
+            if keyed is not None:
+                self._check_key(request)
+                return _ok(keyed(request.params()))
             signed = self._signed.get(key)
             if signed is None:
                 raise _ApiError(404, -1000, f"unknown endpoint {request.method} {request.path}")
@@ -157,9 +175,12 @@ class BinanceSim:
             body = json.dumps({"code": exc.code, "msg": exc.msg}).encode()
             return HttpResponse(exc.status, body, exc.headers)
 
-    def _authenticate(self, request: HttpRequest) -> dict[str, str]:
+    def _check_key(self, request: HttpRequest) -> None:
         if request.headers.get("x-mbx-apikey") != self.api_key:
             raise _ApiError(401, -2015, "Invalid API-key, IP, or permissions for action.")
+
+    def _authenticate(self, request: HttpRequest) -> dict[str, str]:
+        self._check_key(request)
         signed = request.query_string
         body = request.body.decode()
         if body:
@@ -230,6 +251,13 @@ class BinanceSim:
             })
         return {"timezone": "UTC", "serverTime": self.now_ms(), "rateLimits": [], "exchangeFilters": [],
                 "symbols": symbols}
+
+    def _futures_info(self, params: dict[str, str]) -> Any:
+        return {"timezone": "UTC", "serverTime": self.now_ms(), "rateLimits": [], "exchangeFilters": [],
+                "assets": [], "symbols": []}
+
+    def _no_margin(self, params: dict[str, str]) -> Any:
+        return []
 
     def _symbol(self, params: dict[str, str]) -> str:
         raw = params.get("symbol")
@@ -402,6 +430,22 @@ class BinanceSim:
             "permissions": ["SPOT"], "uid": 1,
         }
 
+    def _coins(self, params: dict[str, str]) -> Any:
+        """Every asset the venue trades or holds, as ``capital/config/getall`` lists coins:
+        tradable, no deposit or withdrawal networks (a spot-only simulated account)."""
+        balances = self.venue.balances_now()
+        assets = {a for m in self.venue.markets_now().values() for a in (m.base, m.quote)} | set(balances)
+        coins = []
+        for asset in sorted(assets):
+            balance = balances.get(asset)
+            coins.append({
+                "coin": asset, "name": asset, "depositAllEnable": False, "withdrawAllEnable": False,
+                "free": _num(balance.free if balance else None), "locked": _num(balance.used if balance else None),
+                "freeze": "0", "withdrawing": "0", "ipoing": "0", "ipoable": "0", "storage": "0",
+                "isLegalMoney": False, "trading": True, "networkList": [],
+            })
+        return coins
+
     def _trade_fee(self, params: dict[str, str]) -> Any:
         markets = self.venue.markets_now()
         if "symbol" in params:
@@ -440,7 +484,8 @@ class BinanceSim:
             return _problem("the body is not JSON")
         path = request.path
         if path == "/sim/health":
-            return _ok({"name": self.venue.name, "down": self.down, "faults": len(self.faults)})
+            return _ok({"name": self.venue.name, "down": self.down, "faults": len(self.faults),
+                        "requests": self.requests})
         if path == "/sim/orders":
             orders = [self._order(o) for o in self.venue.all_orders_now()]
             return _ok({"orders": orders})
