@@ -129,13 +129,14 @@ class TestStatus:
 
 class TestSteering:
     def test_scale_when_asked_sets_the_replicas_and_they_run(self, fleet: Fleet) -> None:
+        was = fleet.deployment("portfolio")["spec"]["replicas"]
         proc = fleet.ops("scale", "portfolio", "3")
         assert proc.returncode == 0, proc.stderr
-        assert "portfolio: replicas 2 -> 3" in proc.stdout
+        assert f"portfolio: replicas {was} -> 3" in proc.stdout
         assert "ScaledObject" in proc.stderr  # the autoscaler would take it back: said so
         _wait("3 portfolio pods ready", lambda: fleet.deployment("portfolio")["status"].get("readyReplicas") == 3)
         assert fleet.status()["portfolio"]["ready"] == 3
-        fleet.ops("scale", "portfolio", "2")
+        fleet.ops("scale", "portfolio", str(was))
 
     def test_autoscaling_when_paused_then_resumed_sets_and_clears_kedas_annotation(self, fleet: Fleet) -> None:
         so = f"{FULLNAME}-routing"
@@ -151,12 +152,15 @@ class TestSteering:
 
     def test_restart_when_asked_replaces_every_pod(self, fleet: Fleet) -> None:
         before = {p["metadata"]["name"] for p in fleet.pods("order")}
+        replicas = fleet.deployment("order")["spec"]["replicas"]
+        assert len(before) == replicas
         proc = fleet.ops("restart", "order")
         assert proc.returncode == 0, proc.stderr
         template = fleet.deployment("order")["spec"]["template"]["metadata"]["annotations"]
         assert "kubectl.kubernetes.io/restartedAt" in template
         _wait("order's pods replaced", lambda: (now := {p["metadata"]["name"] for p in fleet.pods("order")})
-              and not (now & before) and len(now) == 2 and fleet.deployment("order")["status"].get("readyReplicas") == 2)
+              and not (now & before) and len(now) == replicas
+              and fleet.deployment("order")["status"].get("readyReplicas") == replicas)
 
 
 class TestChaos:
@@ -179,6 +183,8 @@ class TestChaos:
 
     def test_chaos_when_confirmed_evicts_within_the_budget_and_reports_recovery(self, fleet: Fleet) -> None:
         fleet.cluster.run("kubectl", "label", "namespace", fleet.namespace, "zvt.io/chaos=allowed", "--overwrite")
+        assert fleet.ops("scale", "risk", "2").returncode == 0  # KEDA does not run here: it stays at 2
+        _wait("two risk pods ready", lambda: fleet.deployment("risk")["status"].get("readyReplicas") == 2)
         _wait("risk's budget allows one disruption", lambda: fleet.status()["risk"]["pdb"]["disruptions_allowed"] == 1)
         before = {p["metadata"]["name"] for p in fleet.pods("risk")}
         # two asked of two pods, a budget of one: one evicted, one refused by the PodDisruptionBudget
@@ -201,7 +207,8 @@ class TestEvents:
     def test_events_when_watched_show_the_fleets_objects_only(self, fleet: Fleet) -> None:
         fleet.cluster.run("kubectl", "create", "deployment", "bystander", "--image=registry.invalid/none:1",
                           "-n", fleet.namespace)
-        fleet.ops("scale", "portfolio", "3")
+        was = fleet.deployment("portfolio")["spec"]["replicas"]
+        fleet.ops("scale", "portfolio", str(was + 1))
         proc = fleet.ops("events", "--for", "4s")
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
@@ -209,7 +216,7 @@ class TestEvents:
         assert not any("bystander" in line for line in lines), lines
         only = fleet.ops("events", "--service", "risk", "--for", "1s").stdout.splitlines()
         assert only and all(f"{FULLNAME}-risk" in line for line in only), only
-        fleet.ops("scale", "portfolio", "2")
+        fleet.ops("scale", "portfolio", str(was))
 
 
 class TestBadInput:
