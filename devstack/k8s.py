@@ -238,6 +238,7 @@ def _make_pki(pki: Path) -> None:
                  "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "7",
                  "-extfile", "openssl.cnf", "-extensions", kind, "-out", f"{name}.crt")
     key("service-account")
+    _openssl(pki, "pkey", "-in", "service-account.key", "-pubout", "-out", "service-account.pub")
 
 
 def kubeconfig(server: str, ca: bytes, cert: bytes, key: bytes, user: str = "zvt-admin") -> dict[str, Any]:
@@ -310,7 +311,7 @@ class ControlPlane:
             "--endpoint-reconciler-type=none",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
-            f"--service-account-key-file={pki / 'service-account.key'}",
+            f"--service-account-key-file={pki / 'service-account.pub'}",
             f"--service-account-signing-key-file={pki / 'service-account.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
