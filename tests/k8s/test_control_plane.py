@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +49,9 @@ def _kept_dir(stderr: str) -> Path:
     return Path(found.group(1))
 
 
-def test_k8s_when_cmd_runs_it_sees_ready_nodes_helm_and_no_host_network_then_all_is_gone(
-    cluster: Cluster, redis_single_url: str,
-) -> None:
-    host_port = redis_single_url.rsplit(":", 1)[1].split("/")[0]  # a server listening on this host's loopback
-    proc = _devstack(sys.executable, "-c", PROBE, env={"HOST_PORT": host_port})
+def test_k8s_when_cmd_runs_it_sees_ready_nodes_helm_and_no_host_network_then_all_is_gone(cluster: Cluster) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # open on this host's loopback, not in there
+        proc = _devstack(sys.executable, "-c", PROBE, env={"HOST_PORT": str(listening.getsockname()[1])})
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads(proc.stdout)
     assert seen["ready"] == ["kwok-node-0", "kwok-node-1", "kwok-node-2"]

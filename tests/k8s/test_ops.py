@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -62,7 +63,34 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
 
 
 @pytest.fixture(scope="module")
-def fleet(crds: Cluster, redis_single_url: str) -> Iterator[Fleet]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway Redis of this module's own (the devstack servers may be busy benchmarking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    work = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        _wait("redis-server", lambda: _pings(client), timeout=20)
+        yield url
+    finally:
+        client.close()
+        server.kill()
+        server.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def fleet(crds: Cluster, redis_url: str) -> Iterator[Fleet]:
     """The chart (default values, ops Role with chaos) in its own namespace, and three entries
     the risk group has not read in a bus namespace of its own."""
     cluster = crds
@@ -71,13 +99,13 @@ def fleet(crds: Cluster, redis_single_url: str) -> Iterator[Fleet]:
     cluster.run("helm", "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "180s",
                 "--set", "opsRbac.create=true", "--set", "opsRbac.chaos=true")
     bus_namespace = "ops" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_single_url)
+    r = redis.Redis.from_url(redis_url)
     stream = Keys(bus_namespace, SHARDS).stream(1, EventType.ORDER_REQUESTED)
     for i in range(3):
         r.xadd(stream, {"n": str(i)})
     r.xgroup_create(stream, "risk", id="0")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZVT_")}
-    env.update({"ZVT_REDIS_URL": redis_single_url, "ZVT_BUS_NAMESPACE": bus_namespace, "ZVT_BUS_SHARDS": str(SHARDS)})
+    env.update({"ZVT_REDIS_URL": redis_url, "ZVT_BUS_NAMESPACE": bus_namespace, "ZVT_BUS_SHARDS": str(SHARDS)})
     try:
         yield Fleet(cluster, namespace, env)
     finally:
