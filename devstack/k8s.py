@@ -323,6 +323,8 @@ class ControlPlane:
             f"--bind-address={_HOST}", "--secure-port=10257", "--leader-elect=false",
             f"--service-account-private-key-file={pki / 'service-account.key'}", f"--root-ca-file={pki / 'ca.crt'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false",
+            # each controller as its own service account, with its bootstrap role (as kubeadm runs it)
+            "--use-service-account-credentials=true",
             # a fake node's pods are gone with it at once, not after five minutes
             "--node-monitor-grace-period=40s",
         ])
