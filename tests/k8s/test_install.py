@@ -60,6 +60,16 @@ def _manifest(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     return [o for o in yaml.safe_load_all(text) if o]
 
 
+def _platform_priority_classes(cluster: Cluster, rendered: str) -> None:
+    """The PriorityClasses the values name: the platform's, like the Secrets (pods naming a
+    missing one are refused)."""
+    names = {o["spec"]["template"]["spec"]["priorityClassName"] for o in yaml.safe_load_all(rendered)
+             if o and o["kind"] == "Deployment" and o["spec"]["template"]["spec"].get("priorityClassName")}
+    for name in sorted(names):
+        cluster.run("kubectl", "apply", "-f", "-", input=yaml.safe_dump(
+            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": 1000}))
+
+
 def _left(cluster: Cluster, ns: str) -> list[str]:
     items = cluster.get(KINDS, "-n", ns, "-l", INSTANCE)["items"]
     return [f"{o['kind']}/{o['metadata']['name']}" for o in items]
@@ -77,8 +87,12 @@ def test_install_when_values_are_applied_every_object_is_admitted_runs_and_unins
     rendered = cluster.run("helm", "template", RELEASE, str(CHART), "-n", ns, "--validate", "--skip-tests",
                            *_values(values)).stdout
     cluster.run("kubectl", "apply", "--dry-run=server", "-n", ns, "-f", "-", input=rendered)
+    _platform_priority_classes(cluster, rendered)
 
-    cluster.run("helm", "install", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "180s", *_values(values))
+    # helm's --wait also waits for a LoadBalancer's address, which only a cloud gives: there the
+    # Deployments are waited for below, as everywhere
+    wait = [] if "type: LoadBalancer" in rendered else ["--wait", "--timeout", "180s"]
+    cluster.run("helm", "install", RELEASE, str(CHART), "-n", ns, *wait, *_values(values))
     objects = _manifest(cluster, ns)
     kinds = {o["kind"] for o in objects}
     hook = cluster.run("helm", "template", RELEASE, str(CHART), "-n", ns, "--show-only",
