@@ -17,7 +17,7 @@ DEST="${HELM_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zvt-fleet/tools/helm-$VERS
 BIN="$DEST/helm"
 
 have_it() {
-    [ -x "$BIN" ] && "$BIN" version --template '{{.Version}}' 2>/dev/null | grep -qx "$VERSION" &&
+    [ -x "$BIN" ] && [ "$("$BIN" version --template '{{.Version}}' 2>/dev/null)" = "$VERSION" ] &&
         grep -q 'chartutil.k8sVersionMinor=' "$DEST/LDFLAGS" 2>/dev/null
 }
 

@@ -26,8 +26,12 @@ have_all() {
     local b
     for b in "${K8S_BINARIES[@]}" etcd kwok; do [ -x "$DEST/bin/$b" ] || return 1; done
     [ -f "$DEST/stage/node-initialize.yaml" ] || return 1
-    "$DEST/bin/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $K8S_VERSION" || return 1
-    "$DEST/bin/etcd" --version 2>/dev/null | grep -qx "etcd Version: ${ETCD_VERSION#v}"
+    # whole outputs compared, not piped into `grep -q`: with pipefail, grep's early exit can
+    # fail the writer with SIGPIPE and so the check, now and then
+    [ "$("$DEST/bin/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $K8S_VERSION" ] || return 1
+    local etcd
+    etcd="$("$DEST/bin/etcd" --version 2>/dev/null)" || return 1
+    [ "${etcd%%$'\n'*}" = "etcd Version: ${ETCD_VERSION#v}" ]
 }
 
 if have_all; then
