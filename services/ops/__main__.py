@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from typing import Any
 
 from services.ops.chaos import ChaosPlan, run_chaos
@@ -204,7 +203,6 @@ def _events(fleet: Fleet, args: argparse.Namespace) -> int:
         # its autoscaler and its PDB
         return name in names or name in extra or any(name.startswith(f"{d}-") for d in names)
 
-    deadline = None if args.for_s is None else time.monotonic() + args.for_s
     for event in fleet.events(args.for_s):
         obj = event.involved_object
         if ours(obj.name or ""):
@@ -213,8 +211,6 @@ def _events(fleet: Fleet, args: argparse.Namespace) -> int:
             count = f" (x{event.count})" if event.count and event.count > 1 else ""
             print(f"{stamp}  {event.type or '-':<7} {event.reason or '-':<24} {obj.kind}/{obj.name}: "
                   f"{(event.message or '').strip()}{count}", flush=True)
-        if deadline is not None and time.monotonic() > deadline:
-            break
     return 0
 
 

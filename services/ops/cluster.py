@@ -195,13 +195,16 @@ class Fleet:
         return dict(ns.metadata.labels or {})
 
     def events(self, timeout_s: float | None) -> Iterator[Any]:
-        """The namespace's events as they come (after those already there), until ``timeout_s``."""
+        """The namespace's events: those already there, then a watch of new ones for
+        ``timeout_s`` (None: until interrupted). The API server ends the watch then; the read
+        timeout is only a guard against a server that does not."""
         core = client.CoreV1Api(self.api)
         listed = self._call("list events", core.list_namespaced_event, self.namespace)
         yield from sorted(listed.items, key=_event_time)
+        limits = {} if timeout_s is None else {"timeout_seconds": max(1, round(timeout_s)),
+                                                "_request_timeout": (10, timeout_s + 30)}
         stream = watch.Watch().stream(
-            core.list_namespaced_event, self.namespace, resource_version=listed.metadata.resource_version,
-            **({"timeout_seconds": max(1, int(timeout_s))} if timeout_s else {}),
+            core.list_namespaced_event, self.namespace, resource_version=listed.metadata.resource_version, **limits,
         )
         try:
             for change in stream:
