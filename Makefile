@@ -51,6 +51,9 @@ status: ## what runs where
 
 test: deps ## type-check, then run the test suite
 	$(PY) -m mypy
+	@# the control plane and helm of tests/k8s, built once into ~/.cache/zvt-fleet (about 15 min cold)
+	@bash scripts/build-k8s.sh >/dev/null
+	@bash scripts/build-helm.sh >/dev/null
 	$(PY) -m pytest -p no:cacheprovider -q --durations=25 $(PYTEST_ARGS)
 
 chart: ## lint and render charts/zvt-fleet with the real helm CLI (built once into .cache/tools)

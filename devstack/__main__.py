@@ -5,6 +5,11 @@ and every cluster node run with ``requirepass`` (and ``masterauth``), and ``flee
 it to every service as ``ZVT_REDIS_PASSWORD``. A server already running with another password
 (or none) is refused with a clear error: ``stop`` it first.
 
+``python -m devstack k8s [--keep] -- CMD ARGS...``: a Kubernetes control plane (etcd, API server,
+controller manager, scheduler, kwok's fake nodes) in a private network namespace for as long as
+CMD runs there, with ``KUBECONFIG`` set and helm and kubectl on ``PATH``; CMD's exit status is
+passed on (``devstack.k8s``).
+
 ``python -m devstack fleet start|stop|status``: every service of the fleet as detached local
 processes against them (what ``make up`` / ``make down`` / ``make status`` run). ``fleet start``
 writes the fleet's whole environment to ``.zvt/fleet.env`` and, for the tools that talk to the
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="devstack: %(message)s", stream=sys.stderr)
     if args_list[:1] == ["fleet"]:
         return fleet_main(args_list[1:])
+    if args_list[:1] == ["k8s"]:
+        return k8s_main(args_list[1:])
     parser = argparse.ArgumentParser(
         prog="python -m devstack",
         description="Manage the local Redis, Redis Cluster and PostgreSQL on 127.0.0.1 (data in .zvt/). "
@@ -79,6 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"devstack: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m devstack k8s
+
+
+def k8s_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devstack k8s",
+        description="Start a Kubernetes control plane (kwok nodes, no containers) in a private network namespace, "
+        "run CMD there with KUBECONFIG set and helm and kubectl on PATH, then tear it down; exits with CMD's status.",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the control plane's state and logs (kept anyway "
+                        "when CMD fails)")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="what to run there")
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("name a command: python -m devstack k8s -- CMD ARGS...")
+    from devstack import k8s
+
+    try:
+        return k8s.run(cmd, keep=args.keep)
+    except stack.DevstackError as exc:
+        print(f"devstack: error: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------

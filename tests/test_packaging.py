@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
-TOOLS = {"demo", "replay"}  # commands, not long-running services
+TOOLS = {"demo", "replay", "ops"}  # commands, not long-running services
 
 
 @pytest.fixture(scope="module")
