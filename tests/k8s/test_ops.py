@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -215,8 +216,30 @@ class TestChaos:
         _wait("two risk pods ready", lambda: fleet.deployment("risk")["status"].get("readyReplicas") == 2)
         _wait("risk's budget allows one disruption", lambda: fleet.status()["risk"]["pdb"]["disruptions_allowed"] == 1)
         before = {p["metadata"]["name"] for p in fleet.pods("risk")}
-        # two asked of two pods, a budget of one: one evicted, one refused by the PodDisruptionBudget
-        proc = fleet.ops("chaos", "risk", "--kill", "2", "--every", "1s", "--for", "0", "--seed", "7", "--yes")
+        # kwok makes an evicted pod's replacement Ready within milliseconds, and the budget then
+        # allows a disruption again, even between the round's two evictions (a CI run saw both
+        # pass). With the nodes cordoned the replacement stays Pending until the round is over:
+        # they are uncordoned once it exists, a little later, so the service can recover.
+        nodes = [n["metadata"]["name"] for n in fleet.cluster.get("nodes")["items"]]
+        for node in nodes:
+            fleet.cluster.run("kubectl", "cordon", node)
+
+        def uncordon_after_the_round() -> None:
+            try:
+                _wait("the evicted pod's replacement, pending", lambda: len(fleet.pods("risk")) == 2 and any(
+                    p["status"].get("phase") == "Pending" for p in fleet.pods("risk")))
+                time.sleep(3)
+            finally:
+                for node in nodes:
+                    fleet.cluster.run("kubectl", "uncordon", node)
+
+        uncordon = threading.Thread(target=uncordon_after_the_round)
+        uncordon.start()
+        try:
+            # two asked of two pods, a budget of one: one evicted, one refused by the PodDisruptionBudget
+            proc = fleet.ops("chaos", "risk", "--kill", "2", "--every", "1s", "--for", "0", "--seed", "7", "--yes")
+        finally:
+            uncordon.join()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert sum(line.startswith("round 1: evicted ") for line in proc.stdout.splitlines()) == 1, proc.stdout
         assert "refused: it would break the PodDisruptionBudget" in proc.stdout
