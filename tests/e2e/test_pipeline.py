@@ -43,9 +43,19 @@ async def test_orders_when_flowing_through_the_stages_fill_and_move_positions(st
     assert records[3].reject_code == "UNKNOWN_SYMBOL"
     assert records[0].venue == "paper" and records[0].fills and records[0].commission > 0
     sk = StateKeys(stack.bus.keys)
-    positions = {
-        k.decode(): load(PositionRecord, v) for k, v in (await stack.redis.hgetall(sk.positions("pf-a"))).items()
-    }
+    positions: dict[str, PositionRecord] = {}
+
+    async def applied() -> bool:
+        # the order stage marks an order filled and the portfolio stage applies its fills, each
+        # in its own group: a record can be filled a moment before the position moves
+        nonlocal positions
+        positions = {
+            k.decode(): load(PositionRecord, v) for k, v in (await stack.redis.hgetall(sk.positions("pf-a"))).items()
+        }
+        sold = decode_balances(await stack.redis.hgetall(sk.balances("pf-b"))).get("ETH") == D("8.5")
+        return "BTC/USDT" in positions and positions["BTC/USDT"].quantity == D("0.03") and sold
+
+    await eventually(applied, timeout=20)
     assert positions["BTC/USDT"].quantity == D("0.03")
     assert positions["BTC/USDT"].fills == len(records[0].fills) + len(records[1].fills)
     balances = decode_balances(await stack.redis.hgetall(sk.balances("pf-b")))
