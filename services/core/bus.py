@@ -1346,9 +1346,11 @@ class Consumer:
         return all(self.handlers[entry.event_type] is first for entry, _, _ in todo)
 
     async def _read_state(self, ops: list[tuple[Any, ...]], lane: Lane | None) -> list[Any]:
-        """Reads of one slot in one script call (``STATE_READ_LUA``)."""
+        """Reads of one slot in one script call (``Bus.read_state``, or through ``lane``)."""
+        if lane is None:
+            return await self.bus.read_state(ops)
         keys, args = state_read_call(ops)
-        result: list[Any] = await self._script(lane, self.bus._read, keys, args)
+        result: list[Any] = await lane.script(self.bus._read, keys, args)
         return result
 
     @staticmethod
