@@ -12,8 +12,12 @@ Matching:
   fill expires (a market order is always immediate-or-cancel);
 - a limit order fills as taker at every level up to its price; the rest rests as a maker
   order (GTC), or expires (IOC). A FOK order fills completely or expires with nothing filled;
-- a resting limit order fills completely, as maker at its own price, once a price move puts
-  the opposite best level at or through it.
+- a resting limit order fills as maker at its own price once a price move puts the opposite
+  best level at or through it, up to that level's depth: an order larger than the level
+  fills over several moves (partial fills over time), each move taking at most one level.
+
+Order and fill ids carry a token drawn when the venue is built, so two paper venues (two
+processes, or one restarted) never give the same id to different orders or executions.
 
 Funds: a buy reserves quote (its limit notional plus the worst fee rate, or a market order's
 planned cost), a sell reserves base; fees are charged in the quote asset. A fill moves money
@@ -30,6 +34,7 @@ import collections
 import dataclasses
 import datetime as dt
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
@@ -247,6 +252,8 @@ class PaperVenue:
         self._used: dict[str, Decimal] = {}
         self._orders: dict[str, _WorkingOrder] = {}
         self._by_client_id: dict[str, _WorkingOrder] = {}
+        self._token = os.urandom(3).hex()
+        """In every order and fill id: ids are unique across venues and restarts."""
         self._order_ids = itertools.count(1)
         self._books: dict[tuple[str, int], tuple[Decimal, tuple[BookLevel, ...], tuple[BookLevel, ...]]] = {}
         self._fill_ids = itertools.count(1)
@@ -430,7 +437,7 @@ class PaperVenue:
             )
         now = self._clock()
         working = _WorkingOrder(
-            venue_order_id=f"{self._name}-order-{next(self._order_ids)}",
+            venue_order_id=f"{self._name}-{self._token}-order-{next(self._order_ids)}",
             request=request,
             market=market,
             status=VenueOrderStatus.OPEN,
@@ -511,18 +518,19 @@ class PaperVenue:
     def _fill_resting(self, symbol: str) -> list[VenueOrder]:
         market = self._markets[symbol]
         book = self._book(market, 1)
-        best_bid = book.bids[0].price if book.bids else None
-        best_ask = book.asks[0].price if book.asks else None
         filled: list[VenueOrder] = []
         for working in self._working(symbol):
             limit = working.request.price
             assert limit is not None  # only limit orders rest
             if working.request.side is Side.BUY:
-                reached = best_ask is not None and best_ask <= limit
+                best = book.asks[0] if book.asks else None
+                reached = best is not None and best.price <= limit
             else:
-                reached = best_bid is not None and best_bid >= limit
+                best = book.bids[0] if book.bids else None
+                reached = best is not None and best.price >= limit
             if reached:
-                self._fill(working, working.leaves, limit, Liquidity.MAKER)
+                assert best is not None
+                self._fill(working, min(working.leaves, best.quantity), limit, Liquidity.MAKER)
                 filled.append(working.snapshot(self._name))
         return filled
 
@@ -545,7 +553,7 @@ class PaperVenue:
         self._last[market.symbol] = price
         working.fills.append(
             VenueFill(
-                fill_id=f"{self._name}-{next(self._fill_ids)}",
+                fill_id=f"{self._name}-{self._token}-{next(self._fill_ids)}",
                 venue_order_id=working.venue_order_id,
                 quantity=quantity,
                 price=price,

@@ -136,7 +136,15 @@ class TestMarketOrders:
         second = await venue.submit(request("b", side=Side.SELL, quantity="3"))
         ids = [f.fill_id for f in first.fills + second.fills]
         assert len(ids) == len(set(ids)) > 2
-        assert all(i.startswith("paper-") and i.removeprefix("paper-").isdigit() for i in ids)
+        assert all(i.startswith("paper-") for i in ids)
+
+    async def test_ids_when_two_venues_of_one_name_fill_never_repeat(self) -> None:
+        # two processes' paper venues, or one before and after a restart: an order re-placed at
+        # the other must not reuse an execution id the first one gave (the platform dedupes on it)
+        a, b = make_venue(), make_venue()
+        fills = [f for v in (a, b) for f in (await v.submit(request("a", quantity="3"))).fills]
+        orders = {(await v.fetch_order(BTC, client_order_id="a")).venue_order_id for v in (a, b)}
+        assert len({f.fill_id for f in fills}) == len(fills) and len(orders) == 2
 
 
 class TestLimitOrders:
@@ -165,12 +173,33 @@ class TestLimitOrders:
     async def test_limit_sell_when_not_crossing_rests_then_fills_as_maker_when_price_rises(
         self, venue: PaperVenue
     ) -> None:
-        order = await venue.submit(request(side=Side.SELL, quantity="2", price="61000"))
+        order = await venue.submit(request(side=Side.SELL, quantity="0.5", price="61000"))
         assert order.status is STATUS.OPEN
-        assert (await venue.balances())["BTC"] == Balance(free=D("8"), used=D("2"))
+        assert (await venue.balances())["BTC"] == Balance(free=D("9.5"), used=D("0.5"))
         venue.set_price(BTC, D("61100"))
         done = await venue.fetch_order(BTC, client_order_id="c1")
         assert done.status is STATUS.FILLED and done.fills[0].liquidity is Liquidity.MAKER
+        balances = await venue.balances()
+        assert balances["BTC"] == Balance(free=D("9.5"), used=D(0))
+        assert balances["USDT"].free == D("1000000") + D("30500") * (1 - MAKER)
+
+    async def test_resting_order_when_larger_than_the_best_level_fills_over_several_moves(
+        self, venue: PaperVenue
+    ) -> None:
+        await venue.submit(request(side=Side.SELL, quantity="2", price="61000"))
+        sizes = []
+        for price in ("61100", "61000", "61100", "61000", "61100"):
+            venue.set_price(BTC, D(price))
+            now = await venue.fetch_order(BTC, client_order_id="c1")
+            sizes.append(now.filled_quantity)
+            if now.status is STATUS.FILLED:
+                break
+            assert now.status is STATUS.PARTIALLY_FILLED
+        done = await venue.fetch_order(BTC, client_order_id="c1")
+        assert done.status is STATUS.FILLED and len(done.fills) >= 3 and done.filled_quantity == D("2")
+        # each move takes at most the best bid's depth, every fill as maker at the limit
+        assert all(f.quantity <= D("0.82") and f.price == D("61000") for f in done.fills)
+        assert all(f.liquidity is Liquidity.MAKER for f in done.fills) and sizes == sorted(sizes)
         balances = await venue.balances()
         assert balances["BTC"] == Balance(free=D("8"), used=D(0))
         assert balances["USDT"].free == D("1000000") + D("122000") * (1 - MAKER)
