@@ -494,10 +494,14 @@ class Bus:
         value = await self.redis.get(self.keys.version(shard, group))
         return _s(value) if value else "0"
 
-    async def apply(self, group: str, event: Event[Any], commit: Commit, version: str) -> list[Event[Any]] | None:
+    async def apply(
+        self, group: str, event: Event[Any] | str, commit: Commit, version: str
+    ) -> list[Event[Any]] | None:
         """Commit what a stage decided about ``event`` outside its consumer group (a workflow
         task calling the stage): the writes, the outputs and ``group``'s dedupe mark for the
-        event, all or nothing, and only if the state is still at ``version``.
+        event, all or nothing, and only if the state is still at ``version``. ``event`` may be
+        an id alone: what the stage decided about something it observed rather than consumed
+        (routing following its orders at the venues), named by that observation.
 
         Returns the events the stage emitted. When the event had already been handled (the
         task ran again after its commit), nothing is written and the events of that first
@@ -512,9 +516,10 @@ class Bus:
         outputs = [(self.keys.stream(shard, o.event_type), _mp_bytes(encode(o))) for o in commit.outputs]
         kept = _pack([(str(o.event_type), _mp_bytes(encode(o))) for o in emitted])
         tag = self.keys.tag(shard)
+        event_id = event if isinstance(event, str) else event.event_id
         reply: list[Any] = await self._apply(
-            keys=[self.keys.seen_prefix(shard, group) + event.event_id, self.keys.version(shard, group),
-                  f"{tag}:applied:{group}:{event.event_id}"],
+            keys=[self.keys.seen_prefix(shard, group) + event_id, self.keys.version(shard, group),
+                  f"{tag}:applied:{group}:{event_id}"],
             args=[self.settings.dedupe_ttl_s * 1000, version, _pack(outputs), _pack(commit.writes), kept],
         )
         result = int(reply[0])

@@ -21,7 +21,7 @@ key (shard k of portfolio p)  owner                what
 ``positions:<p>``             portfolio service    hash symbol -> ``PositionRecord``
 ``risk:<p>``                  risk service         ``RiskRecord``: recent orders, funds reserved
 ``reservations:<p>``          risk service         hash order id -> ``Reservation`` of open orders
-``resting:<p>``               routing service      hash order id -> ``RestingOrder``
+``resting``                   routing service      hash order id -> ``RestingOrder`` (per shard)
 ``applied:<order_id>``        portfolio service    set of the fill ids applied to balances
                                                    (expires: ``ZVT_ORDER_FILL_MEMORY_S``)
 ``cancel:<order_id>``         routing service      a cancel that overtook its order (expires)
@@ -263,7 +263,13 @@ class RiskRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class RestingOrder(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """A limit order resting at a venue (what its immediate match left open)."""
+    """A GTC limit order working at a venue, as routing follows it: what its immediate match
+    left open rests at the venue, and routing reports each later fill and its end.
+
+    ``fills`` counts the venue order's executions already reported (a venue lists an order's
+    executions oldest first), ``filled_quantity`` what the whole order has filled. An order
+    re-placed at an in-process venue (its book did not survive a restart) gets a new
+    ``venue_order_id`` and its ``fills`` start again from 0; ``filled_quantity`` goes on."""
 
     order_id: str
     client_order_id: str
@@ -276,6 +282,15 @@ class RestingOrder(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     venue_order_id: str
     fills: int
     since: UtcDatetime
+    portfolio_id: str = ""
+    correlation_id: str = ""
+    origin_id: str = ""
+    """The ``order.created`` event the order was routed for: the cause of what routing reports
+    of it later."""
+
+    @property
+    def leaves_quantity(self) -> Decimal:
+        return self.quantity - self.filled_quantity
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -454,7 +469,13 @@ class StateKeys:
         return self.keys.state(self.keys.shard_of(portfolio_id), "reservations", portfolio_id)
 
     def resting(self, portfolio_id: str) -> str:
-        return self.keys.state(self.keys.shard_of(portfolio_id), "resting", portfolio_id)
+        """The hash of the resting orders of this portfolio's shard (order id -> ``RestingOrder``)."""
+        return self.resting_in_shard(self.keys.shard_of(portfolio_id))
+
+    def resting_in_shard(self, shard: int) -> str:
+        """Hash order id -> ``RestingOrder``: the GTC orders working at venues that routing
+        follows, one hash per shard, so the routing process owning a shard finds them all."""
+        return self.keys.state(shard, "resting")
 
     def applied_fills(self, portfolio_id: str, order_id: str) -> str:
         """Set of the fill ids of an order the portfolio stage has applied (expires)."""

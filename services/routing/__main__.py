@@ -2,8 +2,10 @@
 
 Consumes ``order.created`` and ``order.cancel_requested`` as the exclusive group ``routing``
 and trades on the venues of ``ZVT_ROUTING_VENUES``: the in-process paper venue and/or ccxt
-venues (real exchanges, or the simulated venue servers of the staging profile). One routing
-process at a time also runs the local price feed (marks in Redis).
+venues (real exchanges, or the simulated venue servers of the staging profile). Follows the
+GTC orders resting at the venues for the shards it owns (``RoutingStage.follow``, every
+``ZVT_ROUTING_FOLLOW_INTERVAL_S``). One routing process at a time also runs the local price
+feed (marks in Redis).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from services.core.marks import Marks
 from services.core.replication import ReplicaWait
 from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
+from services.core.telemetry import get_logger
 from services.routing.feed import PriceFeed
 from services.routing.settings import RoutingSettings
 from services.routing.stage import GROUP, HANDLED, RoutingStage, VenueHealth
 from services.routing.venues import build_venues
 from services.venues.ccxt import close_shared_clients
 from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
+
+log = get_logger("zvt.routing")
 
 
 def build(service: Service) -> None:
@@ -57,6 +62,16 @@ def build(service: Service) -> None:
         while not await service.sleep(interval):
             await feeds[0].step(interval)
 
+    async def run_follow() -> None:
+        while not await service.sleep(settings.follow_interval_s):
+            if not stages or service.bus is None:
+                continue
+            shards = sorted({s for c in service.consumers if c.group == GROUP for s in c.owned_shards})
+            try:
+                await stages[0].follow(service.bus, shards)
+            except Exception:
+                log.exception("following the resting orders failed; next pass in a moment")
+
     async def run_quotes() -> None:
         while not await service.sleep(settings.quote_interval_s):
             if stages:
@@ -68,6 +83,7 @@ def build(service: Service) -> None:
     service.stage(GROUP, HANDLED, open_stage)
     service.background(run_feed)
     service.background(run_quotes)
+    service.background(run_follow)
     service.on_shutdown(close_clients)
 
 

@@ -30,6 +30,10 @@ class RoutingSettings(BaseSettings):
         description="Largest move of one feed step, as a fraction of the mark; 0 keeps marks still.",
     )
     feed_seed: int = Field(0, ge=0, description="Seed of the feed's random walk.")
+    follow_interval_s: float = Field(
+        0.5, gt=0, le=60,
+        description="How often routing asks the venues about the GTC orders resting there (new fills, their end).",
+    )
     venues: str = Field(
         "paper",
         description="The venues, comma-separated: `paper` (in-process) and/or `NAME=EXCHANGE@URL` (ccxt's client "

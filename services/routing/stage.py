@@ -7,9 +7,14 @@ its inputs, one ``order.executed`` per fill, and then what became of the rest:
 
 - market, IOC and FOK orders: whatever did not fill at once expires
   (``order.canceled`` with reason ``expired``);
-- a GTC limit order rests: it is sent to the venue as IOC and its remainder is kept in
-  ``resting:<portfolio>`` until a cancel (resting orders do not rest at the venue yet, so
-  they never fill later; see ``docs/venues.md``).
+- a GTC limit order rests at the venue: what its immediate match left open works there, and
+  routing keeps a ``RestingOrder`` of it in its shard's ``resting`` hash. ``follow`` (run by
+  the routing service for the shards it owns) asks the venues about those orders through the
+  ``Venue`` protocol (open orders per symbol, then the order itself when it changed) and
+  reports each later fill as ``order.executed`` with the venue's fill id, and the order's end
+  (filled, or canceled or expired by the venue). A client cancel cancels it at the venue. An
+  in-process (paper) venue's book lives in one process: an order it no longer knows (the
+  process restarted, another one placed it) is placed there again for what is left.
 
 Venues: the in-process paper venue and/or ccxt venues (real exchanges or the simulated venue
 servers). A venue whose breaker is open is skipped; a submit that fails without placing the
@@ -40,7 +45,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from services.core.bus import Commit, Unavailable
+import msgspec
+
+from services.core.bus import Bus, Commit, Unavailable
 from services.core.events import (
     Event,
     EventType,
@@ -51,7 +58,9 @@ from services.core.events import (
     OrderExecuted,
     OrderFailed,
     OrderType,
+    Route,
     TimeInForce,
+    derive_event_id,
     utcnow,
 )
 from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateReader, dump, load
@@ -69,8 +78,10 @@ from services.venues.base import (
     Venue,
     VenueOrder,
     VenueOrderRequest,
+    VenueError,
     VenueOrderStatus,
     VenueUnavailable,
+    in_process,
     platform_fill_id,
 )
 from services.venues.paper import PaperVenue
@@ -151,8 +162,13 @@ class RoutingStage:
         health: VenueHealth | None = None,
         quotes: Quotes | None = None,
         replica_wait: ReplicaWait | None = None,
+        follows: bool = True,
     ) -> None:
+        """``follows``: this process runs ``follow`` (the routing service). The workflows
+        worker routes too but does not follow: an order it leaves resting at its in-process
+        paper venue is canceled there, and the routing service places the rest again at its own."""
         self.redis = redis
+        self.follows = follows
         self.replica_wait = replica_wait
         self.reader = StateReader(redis)
         self.sk = state_keys
@@ -235,7 +251,7 @@ class RoutingStage:
             await self._flush(group)
             with consumer_span(event, GROUP):
                 try:
-                    self.cancel(event, commit, batch)
+                    await self.cancel(event, commit, batch)
                 except Exception as exc:
                     commit.fail(exc)
         await self._flush(group)
@@ -265,7 +281,7 @@ class RoutingStage:
             return
         marks = await self.marks.current()
         mark = marks.get(order.symbol)
-        # The venue matches what crosses now; a GTC limit's remainder rests with us.
+        # The venue matches what crosses now; a GTC limit's remainder rests at the venue.
         rests = order.order_type is OrderType.LIMIT and order.time_in_force is TimeInForce.GTC
         request = VenueOrderRequest(
             client_order_id=order.order_id,
@@ -274,7 +290,7 @@ class RoutingStage:
             order_type=order.order_type,
             quantity=order.quantity,
             price=order.price,
-            time_in_force=TimeInForce.IOC if rests else order.time_in_force,
+            time_in_force=order.time_in_force,
         )
         if order.order_type is OrderType.MARKET and order.price_cap is not None:
             # A market order with a price cap (risk held funds up to it): an IOC limit at the
@@ -387,7 +403,7 @@ class RoutingStage:
             remaining = order.quantity - cumulative
         if remaining <= 0:
             return
-        if rests:
+        if rests and not placed.is_terminal:
             assert order.price is not None
             resting = RestingOrder(
                 order_id=order.order_id,
@@ -401,12 +417,22 @@ class RoutingStage:
                 venue_order_id=placed.venue_order_id,
                 fills=index,
                 since=self.clock(),
+                portfolio_id=pid,
+                correlation_id=event.correlation_id,
+                origin_id=event.event_id,
             )
+            if in_process(venue) and not self.follows:
+                # Nobody follows this process's paper venue: the routing service places the
+                # rest again at its own (``follow``, an order its venue does not know).
+                assert isinstance(venue, PaperVenue)
+                venue.cancel_now(order.symbol, client_order_id=order.order_id)
+                venue.forget(order.order_id)
             batch.resting[(pid, order.order_id)] = resting
             commit.write("HSET", self.sk.resting(pid), order.order_id, dump(resting))
             return
         assert placed.status in (VenueOrderStatus.EXPIRED, VenueOrderStatus.CANCELED, VenueOrderStatus.FILLED)
-        commit.emit(event.derive(_canceled(order, cumulative, remaining, EXPIRED), STAGE, index=index + 1))
+        reason = "canceled at the venue" if placed.status is VenueOrderStatus.CANCELED else EXPIRED
+        commit.emit(event.derive(_canceled(order, cumulative, remaining, reason), STAGE, index=index + 1))
 
     def _expected_price(self, venue: Venue, order: OrderCreated, mark: Decimal | None) -> Decimal | None:
         """What a fill is expected to cost at this venue: the limit price for a limit order;
@@ -447,26 +473,32 @@ class RoutingStage:
         if not isinstance(venue, PaperVenue):
             commit.write("DEL", self._intent_key(portfolio_id, order_id))
 
-    def cancel(self, event: Event[OrderCancelRequested], commit: Commit, batch: _Batch) -> None:
+    async def cancel(self, event: Event[OrderCancelRequested], commit: Commit, batch: _Batch) -> None:
         request = event.payload
         pid = event.portfolio_id
         resting = batch.resting.get((pid, request.order_id))
         if resting is not None:
-            with money_context():
-                left = resting.quantity - resting.filled_quantity
-            commit.emit(
-                event.derive(
-                    OrderCanceled(
-                        order_id=request.order_id,
-                        client_order_id=request.client_order_id,
-                        reason="canceled by client",
-                        filled_quantity=resting.filled_quantity,
-                        canceled_quantity=left,
-                    ),
-                    STAGE,
+            # Cancel it at the venue; the venue's answer has every fill up to the cancel, so the
+            # fills not reported yet go out first, then the end (a cancel too late to matter
+            # ends in the fill that finished the order).
+            venue = self.venues.get(resting.venue)
+            if venue is None:
+                raise Unavailable(f"order {request.order_id} rests at {resting.venue}, which this router does not trade on")
+            try:
+                found = await venue.cancel(
+                    resting.symbol, venue_order_id=resting.venue_order_id, client_order_id=resting.order_id
                 )
-            )
-            commit.write("HDEL", self.sk.resting(pid), request.order_id)
+            except OrderNotFound:
+                if not in_process(venue):
+                    raise
+                found = None  # its book is gone with the process that placed it: nothing works there
+            except VenueError as exc:
+                raise Unavailable(f"cancel at {venue.name}: {exc}") from exc
+            if found is not None:
+                self._report(commit, resting, found, end=event)
+            else:
+                commit.emit(event.derive(_resting_canceled(resting, "canceled by client"), STAGE))
+                commit.write("HDEL", self.sk.resting(pid), request.order_id)
             batch.resting[(pid, request.order_id)] = None
             return
         record = batch.records.get(request.order_id)
@@ -477,6 +509,180 @@ class RoutingStage:
         # Not at routing yet (still at risk or the order stage): cancel it when it arrives.
         batch.cancels[request.order_id] = True
         commit.write("SET", self.sk.cancel(pid, request.order_id), b"1", "EX", CANCEL_TTL_S)
+
+    # -- following resting orders ------------------------------------------------------------
+
+    async def follow(self, bus: Bus, shards: Sequence[int]) -> int:
+        """One pass over the resting orders of ``shards``: report what their venues did since
+        the last pass. Returns how many events it committed.
+
+        Each shard's findings are one ``Bus.apply`` at the state version read before them, so
+        a batch of the consumer (a cancel, a new resting order) that commits meanwhile makes
+        this pass's commit refused and the shard is looked at again; an observation committed
+        once (another process saw the same) is not committed twice. Every event's id is
+        derived from the fill or the end it reports, so whoever reports it, it is one event."""
+        await self._paper_prices()
+        committed = 0
+        for shard in shards:
+            for _ in range(3):
+                outcome = await self._follow_shard(bus, shard)
+                if outcome is not None:
+                    committed += outcome
+                    break
+        return committed
+
+    async def _paper_prices(self) -> None:
+        """The in-process venues' markets follow the marks: a mark moving through a resting
+        order's price fills it there, as a price move does at a real venue."""
+        paper = [v for v in self.venues.values() if isinstance(v, PaperVenue)]
+        if not paper:
+            return
+        marks = await self.marks.current()
+        for venue in paper:
+            for symbol, mark in marks.items():
+                if symbol in self._markets.get(venue.name, ()) and venue.mid(symbol) != mark:
+                    venue.set_price(symbol, mark)
+
+    async def _follow_shard(self, bus: Bus, shard: int) -> int | None:
+        version = await bus.state_version(GROUP, shard)
+        raw: dict[Any, bytes] = await self.redis.hgetall(self.sk.resting_in_shard(shard))
+        if not raw:
+            return 0
+        orders = sorted((load(RestingOrder, v) for v in raw.values()), key=lambda r: r.since)
+        commit = Commit(self.sk.keys, shard)
+        seen: list[str] = []
+        for resting in await self._changed(orders):
+            venue = self.venues[resting.venue]
+            placed_again = False
+            try:
+                found = await venue.fetch_order(
+                    resting.symbol, venue_order_id=resting.venue_order_id, client_order_id=resting.order_id
+                )
+            except OrderNotFound:
+                if not in_process(venue):
+                    log.warning("a resting order is not at its venue", order_id=resting.order_id, venue=venue.name)
+                    continue  # reconciliation's business: the venue and the platform disagree
+                placed = await self._place_again(venue, resting)
+                if placed is None:
+                    continue
+                resting, found = placed
+                placed_again = True
+                commit.write("HSET", self.sk.resting_in_shard(shard), resting.order_id, dump(resting))
+            except VenueError as exc:
+                log.warning("could not follow a resting order", order_id=resting.order_id, venue=venue.name,
+                            error=str(exc))
+                continue
+            if self._report(commit, resting, found) or placed_again:
+                seen.append(f"{resting.order_id}:{found.venue_order_id}:{len(found.fills)}:{found.status}")
+        if not commit.outputs and not commit.writes:
+            return 0
+        observation = derive_event_id("|".join(seen), f"{STAGE}:follow")
+        emitted = await bus.apply(GROUP, observation, commit, version)
+        return None if emitted is None else len(emitted)
+
+    async def _changed(self, orders: list[RestingOrder]) -> list[RestingOrder]:
+        """The resting orders whose venue order may have moved: per (venue, symbol) one
+        ``open_orders`` call; an order still open there with the quantity filled that routing
+        knows of has not. A venue that does not answer is asked again next pass."""
+        by_market: dict[tuple[str, str], list[RestingOrder]] = {}
+        for resting in orders:
+            if resting.venue in self.venues:
+                by_market.setdefault((resting.venue, resting.symbol), []).append(resting)
+        changed: list[RestingOrder] = []
+        for (name, symbol), group in by_market.items():
+            try:
+                working = {o.venue_order_id: o for o in await self.venues[name].open_orders(symbol)}
+            except VenueError as exc:
+                log.warning("could not list open orders", venue=name, symbol=symbol, error=str(exc))
+                continue
+            for resting in group:
+                now = working.get(resting.venue_order_id)
+                if now is None or now.filled_quantity != resting.filled_quantity - self._filled_before(resting, now):
+                    changed.append(resting)
+        return changed
+
+    @staticmethod
+    def _filled_before(resting: RestingOrder, now: VenueOrder) -> Decimal:
+        """What the order filled before this venue order (placed again for the rest)."""
+        with money_context():
+            return resting.quantity - now.quantity
+
+    async def _place_again(self, venue: Venue, resting: RestingOrder) -> tuple[RestingOrder, VenueOrder] | None:
+        """Place what is left of ``resting`` at an in-process venue that no longer knows it."""
+        request = VenueOrderRequest(
+            client_order_id=resting.order_id, symbol=resting.symbol, side=resting.side, order_type=OrderType.LIMIT,
+            quantity=resting.leaves_quantity, price=resting.price, time_in_force=TimeInForce.GTC,
+        )
+        try:
+            placed = await venue.submit(request)
+        except VenueError as exc:
+            log.warning("could not place a resting order again", order_id=resting.order_id, venue=venue.name,
+                        error=str(exc))
+            return None
+        log.info("resting order placed again", order_id=resting.order_id, venue=venue.name,
+                 quantity=str(request.quantity))
+        return msgspec.structs.replace(resting, venue_order_id=placed.venue_order_id, fills=0), placed
+
+    def _report(
+        self, commit: Commit, resting: RestingOrder, found: VenueOrder, *, end: Event[Any] | None = None
+    ) -> bool:
+        """Emit the fills of ``found`` not reported yet and, if it is over, its end; write the
+        resting record as it now is (or remove it). ``end``: the event to derive the end from
+        (the client's cancel request); otherwise its id is derived from the venue order. Returns whether
+        anything changed."""
+        new = found.fills[resting.fills:]
+        key = self.sk.resting_in_shard(commit.shard)
+        filled = resting.filled_quantity
+        for fill in new:
+            with money_context():
+                filled += fill.quantity
+            fill_id = platform_fill_id(resting.order_id, found.venue, fill.fill_id)
+            commit.emit(self._later(resting, OrderExecuted(
+                order_id=resting.order_id, client_order_id=resting.client_order_id, symbol=resting.symbol,
+                side=resting.side, venue=found.venue, venue_order_id=found.venue_order_id, fill_id=fill_id,
+                quantity=fill.quantity, price=fill.price, commission=fill.fee, commission_asset=fill.fee_asset,
+                liquidity=fill.liquidity, cumulative_quantity=filled, leaves_quantity=resting.quantity - filled,
+                venue_fill_id=fill.fill_id,
+            ), fill_id))
+        after = msgspec.structs.replace(resting, filled_quantity=filled, fills=len(found.fills))
+        if not found.is_terminal:
+            if new:
+                commit.write("HSET", key, resting.order_id, dump(after))
+            return bool(new)
+        if after.leaves_quantity > 0:
+            reason = {
+                VenueOrderStatus.EXPIRED: EXPIRED,
+                VenueOrderStatus.CANCELED: "canceled by client" if end is not None else "canceled at the venue",
+            }.get(found.status, f"{found.status} at the venue")
+            canceled = _resting_canceled(after, reason)
+            commit.emit(end.derive(canceled, STAGE) if end is not None
+                        else self._later(after, canceled, f"{found.venue_order_id}:end"))
+        commit.write("HDEL", key, resting.order_id)
+        venue = self.venues.get(found.venue)
+        if isinstance(venue, PaperVenue):
+            venue.forget(resting.order_id)
+        return True
+
+    @staticmethod
+    def _later(resting: RestingOrder, payload: Any, name: str) -> Event[Any]:
+        """An event routing reports of a resting order on its own (a later fill, the venue's
+        end of it): caused by the ``order.created`` it was routed for, its id derived from what
+        it reports. On the stream path whichever path created the order: the stream stages
+        apply it (a workflow run is over by the time an order rests)."""
+        return Event.new(
+            payload, portfolio_id=resting.portfolio_id, correlation_id=resting.correlation_id or resting.order_id,
+            causation_id=resting.origin_id or None, event_id=derive_event_id(name, STAGE), route=Route.STREAM,
+        )
+
+
+def _resting_canceled(resting: RestingOrder, reason: str) -> OrderCanceled:
+    return OrderCanceled(
+        order_id=resting.order_id,
+        client_order_id=resting.client_order_id,
+        reason=reason,
+        filled_quantity=resting.filled_quantity,
+        canceled_quantity=resting.leaves_quantity,
+    )
 
 
 def _canceled(order: OrderCreated, filled: Decimal, canceled: Decimal, reason: str) -> OrderCanceled:

@@ -41,7 +41,9 @@ class Stages:
         self.order = OrderStage(redis, sk, terminal_retention_s=orders.terminal_retention_s)
         self.portfolio = PortfolioStage(redis, sk, fill_memory_s=orders.fill_memory_s)
         self.venues = list(venues)
-        self.routing = RoutingStage(redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings))
+        self.routing = RoutingStage(
+            redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings), follows=False
+        )
 
     async def start(self) -> None:
         await self.routing.start()

@@ -51,7 +51,8 @@ BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "positions": ("positions", ("portfolio_id",)),
     "risk": ("risk", ("portfolio_id",)),
     "reservations": ("reservations", ("portfolio_id",)),
-    "resting": ("resting", ("portfolio_id",)),
+    "resting": ("resting", ()),  # one hash per shard
+    "resting_in_shard": ("resting", ()),
     "applied_fills": ("applied", ("order_id",)),
     "cancel": ("cancel", ("order_id",)),
     "marks": ("marks", ()),
