@@ -3,9 +3,10 @@ status, fills become positions and balances, risk rejects with its codes, cancel
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
-from services.core.events import OrderType, Side, TimeInForce, TradingState
+from services.core.events import Event, OrderCancelRequested, OrderType, Side, TimeInForce, TradingState
 from services.core.hotstate import DEFAULT_LIMITS, PositionRecord, StateKeys, decode_balances, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
 from services.trading.orders import OrderStatus
@@ -109,10 +110,106 @@ async def test_cancel_when_limit_rests_cancels_it_and_ioc_remainder_expires(stac
         return r is not None and r.status is OrderStatus.ROUTED
 
     await eventually(routed)
-    from services.core.events import Event, OrderCancelRequested
-
     await stack.bus.publish(
         Event.new(OrderCancelRequested(order_id=resting, client_order_id=resting), portfolio_id="pf-c", correlation_id=resting)
     )
     (canceled,) = await wait_terminal(stack, [("pf-c", resting)])
     assert canceled.status is OrderStatus.CANCELED and canceled.filled_quantity == 0
+
+
+async def _set_mark(stack: Stack, symbol: str, price: str) -> None:
+    from services.core.marks import Marks
+
+    await stack.redis.hset(Marks(stack.redis, stack.bus.keys).key, symbol, price)
+
+
+async def test_resting_limit_when_the_market_moves_through_it_fills_later_over_several_fills(stack: Stack) -> None:
+    """A GTC limit rests at the venue; each time the market comes to its price it takes what
+    the venue's best level offers, as maker at its price, until it is filled. Every later fill
+    reaches the order once, the position and the balances follow, risk releases the funds."""
+    stack.fleet.start(["risk", "order", "routing", "portfolio"])
+    await seed_portfolio(stack.bus, "pf-rest", {"USDT": D("1000000")})
+    await _set_mark(stack, "BTC/USDT", "60000")
+    (oid,) = await inject_orders(stack.bus, [OrderSpec("pf-rest", "BTC/USDT", Side.BUY, D("2"), OrderType.LIMIT, D("59000"))])
+
+    async def status_is(*wanted: OrderStatus) -> bool:
+        (r,) = await read_orders(stack.bus, [("pf-rest", oid)])
+        return r is not None and r.status in wanted
+
+    await eventually(lambda: status_is(OrderStatus.ROUTED))
+    fills_seen = []
+    for _ in range(6):  # the best ask near 59,000 holds about 0.85 BTC: three moves fill 2 BTC
+        await _set_mark(stack, "BTC/USDT", "58900")  # the ask comes to 59,000 and below
+        before = len(fills_seen)
+
+        async def filled_more() -> bool:
+            nonlocal fills_seen
+            (r,) = await read_orders(stack.bus, [("pf-rest", oid)])
+            fills_seen = list(r.fills)
+            return len(fills_seen) > before
+
+        await eventually(filled_more, timeout=15)
+        if await status_is(OrderStatus.FILLED):
+            break
+        assert await status_is(OrderStatus.PARTIALLY_FILLED)
+        await _set_mark(stack, "BTC/USDT", "59500")  # away again: nothing fills
+        await asyncio.sleep(0.8)
+    (record,) = await wait_terminal(stack, [("pf-rest", oid)])
+    assert record.status is OrderStatus.FILLED and record.filled_quantity == D("2")
+    assert len(record.fills) >= 3, record.fills
+    assert {f.price for f in record.fills} == {D("59000")} and {f.liquidity for f in record.fills} == {"maker"}
+    assert len({f.fill_id for f in record.fills}) == len(record.fills)
+    assert all(f.venue_fill_id and f.fill_id.endswith(f.venue_fill_id) for f in record.fills)
+    sk = StateKeys(stack.bus.keys)
+    cost = sum((f.quantity * f.price + f.commission for f in record.fills), D(0))
+
+    async def settled() -> bool:
+        raw = await stack.redis.hget(sk.positions("pf-rest"), "BTC/USDT")
+        balances = decode_balances(await stack.redis.hgetall(sk.balances("pf-rest")))
+        held = await stack.redis.hlen(sk.reservations("pf-rest"))
+        resting = await stack.redis.hexists(sk.resting("pf-rest"), oid)
+        return (raw is not None and load(PositionRecord, raw).quantity == D("2")
+                and balances.get("USDT") == D("1000000") - cost and held == 0 and not resting)
+
+    await eventually(settled, timeout=20)
+    position = load(PositionRecord, await stack.redis.hget(sk.positions("pf-rest"), "BTC/USDT"))
+    assert position.fills == len(record.fills)
+
+
+async def test_resting_limit_when_canceled_after_a_partial_fill_keeps_the_fill_and_cancels_the_rest(
+    stack: Stack,
+) -> None:
+    stack.fleet.start(["risk", "order", "routing", "portfolio"])
+    await seed_portfolio(stack.bus, "pf-part", {"USDT": D("1000000")})
+    await _set_mark(stack, "BTC/USDT", "60000")
+    (oid,) = await inject_orders(stack.bus, [OrderSpec("pf-part", "BTC/USDT", Side.BUY, D("2"), OrderType.LIMIT, D("59000"))])
+
+    async def status_is(*wanted: OrderStatus) -> bool:
+        (r,) = await read_orders(stack.bus, [("pf-part", oid)])
+        return r is not None and r.status in wanted
+
+    await eventually(lambda: status_is(OrderStatus.ROUTED))
+    await _set_mark(stack, "BTC/USDT", "58900")
+    await eventually(lambda: status_is(OrderStatus.PARTIALLY_FILLED), timeout=15)
+    await _set_mark(stack, "BTC/USDT", "59500")
+    await asyncio.sleep(0.8)  # routing has seen the mark leave: nothing more fills
+    await stack.bus.publish(
+        Event.new(OrderCancelRequested(order_id=oid, client_order_id=oid), portfolio_id="pf-part", correlation_id=oid)
+    )
+    (record,) = await wait_terminal(stack, [("pf-part", oid)])
+    assert record.status is OrderStatus.CANCELED
+    assert D(0) < record.filled_quantity < D("2") and len(record.fills) == 1
+    # the venue order is canceled too: the market coming back fills nothing more
+    await _set_mark(stack, "BTC/USDT", "58900")
+    await asyncio.sleep(1.5)
+    (after,) = await read_orders(stack.bus, [("pf-part", oid)])
+    assert after.fills == record.fills and after.status is OrderStatus.CANCELED
+    sk = StateKeys(stack.bus.keys)
+
+    async def settled() -> bool:
+        raw = await stack.redis.hget(sk.positions("pf-part"), "BTC/USDT")
+        held = await stack.redis.hlen(sk.reservations("pf-part"))
+        resting = await stack.redis.hexists(sk.resting("pf-part"), oid)
+        return raw is not None and load(PositionRecord, raw).quantity == record.filled_quantity and held == 0 and not resting
+
+    await eventually(settled, timeout=20)
