@@ -19,12 +19,13 @@ import pytest
 
 from devstack.fleet import STAGING_VENUES, start_venue, venues_setting
 from services.core.codec import decode_any
-from services.core.events import EventType, ExchangeRouted, Side
-from services.core.inject import OrderSpec, inject_orders, seed_portfolio
+from services.core.events import EventType, ExchangeRouted, OrderType, Side
+from services.core.hotstate import PositionRecord, StateKeys, load
+from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
 from services.trading.orders import OrderStatus
 from tests.e2e.conftest import SHARDS, Stack
 from tests.e2e.test_pipeline import wait_terminal
-from tests.integration.conftest import Target
+from tests.integration.conftest import Target, eventually
 
 D = Decimal
 
@@ -163,3 +164,46 @@ async def test_routing_across_sim_venues_when_rate_limited_or_down_reroutes_with
         assert venues.holders(order_id) == ["sima"]
     routed = await _routed(stack, ids[-1])
     assert {c.venue: c.healthy for c in routed.candidates}["simc"] is False
+
+
+async def test_resting_limit_at_a_sim_venue_when_its_price_moves_through_fills_later_and_moves_the_position(
+    stack: Stack, venues: Venues
+) -> None:
+    """A GTC limit away from the market rests at the venue it was routed to (through ccxt);
+    each ``POST /sim/price`` that brings the venue's market to its price fills part of it
+    there, routing reports every fill with the venue's id, and the position follows."""
+    _start(stack, venues)
+    await seed_portfolio(stack.bus, "pf-rv", {"USDT": D("10000000")})
+    (oid,) = await inject_orders(stack.bus, [OrderSpec("pf-rv", "BTC/USDT", Side.BUY, D("2"), OrderType.LIMIT, D("58000"))])
+
+    async def record() -> Any:
+        (r,) = await read_orders(stack.bus, [("pf-rv", oid)])
+        return r
+
+    await eventually(lambda: _status_in(record, OrderStatus.ROUTED), timeout=30)
+    routed = await record()
+    assert venues.holders(oid) == [routed.venue] and routed.filled_quantity == 0
+    for _ in range(6):  # the venue's best ask near 58,000 holds less than 1 BTC
+        venues.control(routed.venue, "/sim/price", {"symbol": "BTC/USDT", "price": "57950"})
+        venues.control(routed.venue, "/sim/price", {"symbol": "BTC/USDT", "price": "59000"})
+        if (await record()).status is OrderStatus.FILLED:
+            break
+        await asyncio.sleep(1.0)
+    (done,) = await wait_terminal(stack, [("pf-rv", oid)], timeout=30)
+    assert done.status is OrderStatus.FILLED and done.filled_quantity == D("2") and len(done.fills) >= 3
+    assert {f.price for f in done.fills} == {D("58000")} and {f.liquidity for f in done.fills} == {"maker"}
+    assert all(f.venue == routed.venue and f.venue_fill_id for f in done.fills)
+    assert venues.holders(oid) == [routed.venue]  # never placed anywhere else, nor twice
+    sk = StateKeys(stack.bus.keys)
+
+    async def position_follows() -> bool:
+        raw = await stack.redis.hget(sk.positions("pf-rv"), "BTC/USDT")
+        return raw is not None and load(PositionRecord, raw).quantity == D("2")
+
+    await eventually(position_follows, timeout=20)
+    assert not await stack.redis.hexists(sk.resting("pf-rv"), oid)
+
+
+async def _status_in(read: Any, *wanted: OrderStatus) -> bool:
+    r = await read()
+    return r is not None and r.status in wanted
