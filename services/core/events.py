@@ -20,6 +20,11 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
+from services.trading import Liquidity, OrderType, Side, TimeInForce, TradingState, VenueQuote
+
+# The vocabulary lives in ``services.trading``; it is also exported from here only until
+# services/gateway and services/workflows import it from its home (issue 15).
+
 __all__ = [
     "CATALOG",
     "EVENT_CLASSES",
@@ -92,33 +97,6 @@ class Route(enum.StrEnum):
     WORKFLOW = "workflow"
 
 
-class Side(enum.StrEnum):
-    BUY = "buy"
-    SELL = "sell"
-
-
-class OrderType(enum.StrEnum):
-    MARKET = "market"
-    LIMIT = "limit"
-
-
-class TimeInForce(enum.StrEnum):
-    GTC = "gtc"
-    IOC = "ioc"
-    FOK = "fok"
-
-
-class Liquidity(enum.StrEnum):
-    MAKER = "maker"
-    TAKER = "taker"
-
-
-class TradingState(enum.StrEnum):
-    ACTIVE = "ACTIVE"
-    REDUCING = "REDUCING"
-    HALTED = "HALTED"
-
-
 UtcDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
 
@@ -167,15 +145,6 @@ class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 class PriceLevel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True, gc=False):
     price: Decimal
     quantity: Decimal
-
-
-class VenueQuote(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
-    """One venue a router considered: its expected price and fee, and whether it was healthy."""
-
-    venue: str
-    expected_price: Decimal | None
-    fee_rate: Decimal
-    healthy: bool
 
 
 class OrderRequested(Payload, frozen=True, kw_only=True):
