@@ -50,14 +50,13 @@ from services.core.events import (
     OrderCreated,
     OrderExecuted,
     OrderFailed,
-    OrderType,
-    TimeInForce,
     utcnow,
 )
 from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateReader, dump, load
 from services.core.marks import Marks
 from services.core.replication import NotReplicated, ReplicaWait, run_replicated
 from services.core.telemetry import consumer_span, get_logger
+from services.trading import OrderType, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
 from services.trading.routing import NoVenueAvailable, VenueOption, choose_venue

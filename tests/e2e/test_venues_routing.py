@@ -19,8 +19,9 @@ import pytest
 
 from devstack.fleet import STAGING_VENUES, start_venue, venues_setting
 from services.core.codec import decode_any
-from services.core.events import EventType, ExchangeRouted, Side
+from services.core.events import EventType, ExchangeRouted
 from services.core.inject import OrderSpec, inject_orders, seed_portfolio
+from services.trading import Side
 from services.trading.orders import OrderStatus
 from tests.e2e.conftest import SHARDS, Stack
 from tests.e2e.test_pipeline import wait_terminal

@@ -19,14 +19,12 @@ from services.core.events import (
     EventType,
     OrderExecuted,
     OrderRequested,
-    OrderType,
-    Liquidity,
     Route,
-    Side,
     derive_event_id,
     new_event_id,
 )
 from services.core.keys import Keys, shard_of
+from services.trading import Liquidity, OrderType, Side
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-([78])[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
