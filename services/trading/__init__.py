@@ -29,6 +29,7 @@ from services.trading.risk import (
     check_order,
 )
 from services.trading.routing import NoVenueAvailable, RouteDecision, VenueOption, choose_venue
+from services.trading.terms import OrderTerms
 from services.trading.vocabulary import (
     Instrument,
     Liquidity,
@@ -52,6 +53,7 @@ __all__ = [
     "Order",
     "OrderIntent",
     "OrderStatus",
+    "OrderTerms",
     "OrderType",
     "Position",
     "RejectReason",
