@@ -66,13 +66,12 @@ from services.core.events import (
     Event,
     EventType,
     OrderRequested,
-    OrderType,
     OrderValidated,
-    Side,
 )
 from services.core.redisconn import connect
 from services.core.settings import BusSettings, CoreSettings
 from services.core.telemetry import setup_logging
+from services.trading import OrderType, Side
 
 GROUP = "bench"
 STAGE = "bench.validate"

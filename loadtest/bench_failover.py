@@ -51,9 +51,10 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from loadtest.bench_bus import Target, delete_keys, machine, open_target, server_version
 from services.core.bus import Bus
 from services.core.codec import decode
-from services.core.events import Event, EventType, OrderRequested, OrderType, Side
+from services.core.events import Event, EventType, OrderRequested
 from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings
+from services.trading import OrderType, Side
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP = "echo"

@@ -78,11 +78,12 @@ from devstack import stack
 from devstack.fleet import PIPELINE, Fleet
 from services.core.bus import DATA, Bus
 from services.core.codec import decode
-from services.core.events import EventType, OrderType, Side
+from services.core.events import EventType
 from services.core.hotstate import LimitsRecord
 from services.core.inject import OrderSpec, inject_orders, seed_portfolio
 from services.core.redisconn import connect
 from services.core.settings import BusSettings, CoreSettings
+from services.trading import OrderType, Side
 from services.venues.paper import DEFAULT_PRICES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvloop  # noqa: E402
 
 from devstack.fleet import start_venue  # noqa: E402
-from services.core.events import OrderType, Side  # noqa: E402
+from services.trading import OrderType, Side  # noqa: E402
 from services.venues.base import Venue, VenueOrderRequest  # noqa: E402
 from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients  # noqa: E402
 from services.venues.paper import PaperVenue  # noqa: E402

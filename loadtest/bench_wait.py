@@ -29,12 +29,12 @@ import uvloop  # noqa: E402
 
 from devstack import stack  # noqa: E402
 from services.core.bus import Bus  # noqa: E402
-from services.core.events import OrderType, Side, TimeInForce  # noqa: E402
 from services.core.inject import seed_portfolio  # noqa: E402
 from services.core.redisconn import AnyRedis, open_redis, scan_keys  # noqa: E402
 from services.core.settings import BusSettings, CoreSettings  # noqa: E402
 from services.gateway.models import OrderBody  # noqa: E402
 from services.gateway.orders import OrderDesk  # noqa: E402
+from services.trading import OrderType, Side, TimeInForce  # noqa: E402
 
 PORTFOLIOS = 32
 SHARDS = 16

@@ -65,11 +65,11 @@ from loadtest.bench_pipeline import (
 )
 from loadtest.localfleet import http_fleet
 from services.core.bus import Bus
-from services.core.events import OrderType, Side
 from services.core.hotstate import StateKeys
 from services.core.inject import OrderSpec, inject_orders, seed_portfolio
 from services.core.redisconn import connect
 from services.core.settings import BusSettings, CoreSettings
+from services.trading import OrderType, Side
 from services.venues.paper import DEFAULT_PRICES
 
 TARGET_RATIO = 0.05

@@ -22,12 +22,13 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from services.core.bus import Bus, Commit, Consumer
-from services.core.events import Event, EventType, OrderRequested, OrderType, OrderValidated, Side
+from services.core.events import Event, EventType, OrderRequested, OrderValidated
 from services.core.keys import shard_of
 from services.core.redact import redact
 from services.core.redisconn import AnyRedis, connect
 from services.core.settings import BusSettings, CoreSettings, load
 from services.core.telemetry import setup_logging
+from services.trading import OrderType, Side
 
 CLUSTER_URL = "redis://127.0.0.1:7101/0"  # devstack's Redis Cluster
 SINGLE_URL = "redis://127.0.0.1:6390/0"  # devstack's single Redis

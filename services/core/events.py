@@ -20,6 +20,11 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
+from services.trading import Liquidity, OrderTerms, OrderType, Side, TimeInForce, TradingState, VenueQuote
+
+# The vocabulary lives in ``services.trading``; it is also exported from here only until
+# services/gateway and services/workflows import it from its home (issue 15).
+
 __all__ = [
     "CATALOG",
     "EVENT_CLASSES",
@@ -92,33 +97,6 @@ class Route(enum.StrEnum):
     WORKFLOW = "workflow"
 
 
-class Side(enum.StrEnum):
-    BUY = "buy"
-    SELL = "sell"
-
-
-class OrderType(enum.StrEnum):
-    MARKET = "market"
-    LIMIT = "limit"
-
-
-class TimeInForce(enum.StrEnum):
-    GTC = "gtc"
-    IOC = "ioc"
-    FOK = "fok"
-
-
-class Liquidity(enum.StrEnum):
-    MAKER = "maker"
-    TAKER = "taker"
-
-
-class TradingState(enum.StrEnum):
-    ACTIVE = "ACTIVE"
-    REDUCING = "REDUCING"
-    HALTED = "HALTED"
-
-
 UtcDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
 
@@ -158,7 +136,11 @@ def derive_event_id(cause_id: str, stage: str, index: int = 0) -> str:
 
 
 class Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
-    """Base of every payload; a subclass names its event type and schema version."""
+    """Base of every payload; a subclass names its event type and schema version.
+
+    Only class variables here: msgspec lets a struct have several bases as long as one at
+    most has fields, so a payload may also subclass a struct of shared fields (``OrderTerms``).
+    """
 
     EVENT_TYPE: ClassVar[EventType]
     VERSION: ClassVar[str] = "1.0"
@@ -169,41 +151,18 @@ class PriceLevel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_
     quantity: Decimal
 
 
-class VenueQuote(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
-    """One venue a router considered: its expected price and fee, and whether it was healthy."""
+class OrderRequested(Payload, OrderTerms, frozen=True, kw_only=True):
+    """An order as the gateway accepted it: its terms, then who asked."""
 
-    venue: str
-    expected_price: Decimal | None
-    fee_rate: Decimal
-    healthy: bool
-
-
-class OrderRequested(Payload, frozen=True, kw_only=True):
     EVENT_TYPE = EventType.ORDER_REQUESTED
-    order_id: str
-    client_order_id: str
-    symbol: str
-    side: Side
-    order_type: OrderType
-    quantity: Decimal
-    price: Decimal | None = None
-    time_in_force: TimeInForce = TimeInForce.GTC
-    venue: str | None = None
     requested_by: str | None = None
 
 
-class OrderValidated(Payload, frozen=True, kw_only=True):
+class OrderValidated(Payload, OrderTerms, frozen=True, kw_only=True):
+    """Risk approved the order: its terms, then the prices risk judged it by."""
+
     VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_VALIDATED
-    order_id: str
-    client_order_id: str
-    symbol: str
-    side: Side
-    order_type: OrderType
-    quantity: Decimal
-    price: Decimal | None = None
-    time_in_force: TimeInForce = TimeInForce.GTC
-    venue: str | None = None
     reference_price: Decimal | None = None
     price_cap: Decimal | None = None
     """A market buy's protection price: the most risk reserved funds for (the reference price
@@ -220,18 +179,11 @@ class OrderRejected(Payload, frozen=True, kw_only=True):
     stage: str
 
 
-class OrderCreated(Payload, frozen=True, kw_only=True):
+class OrderCreated(Payload, OrderTerms, frozen=True, kw_only=True):
+    """The order service recorded the order; routing sends it on these terms."""
+
     VERSION = "1.1"
     EVENT_TYPE = EventType.ORDER_CREATED
-    order_id: str
-    client_order_id: str
-    symbol: str
-    side: Side
-    order_type: OrderType
-    quantity: Decimal
-    price: Decimal | None = None
-    time_in_force: TimeInForce = TimeInForce.GTC
-    venue: str | None = None
     price_cap: Decimal | None = None
     """``OrderValidated.price_cap``: the worst price a market buy may fill at."""
 

@@ -52,14 +52,11 @@ from services.core.bus import STATE_READ_LUA, current_state_read, state_read_cal
 from services.core.events import (
     Event,
     OrderRequested,
-    OrderType,
     Route,
-    Side,
-    TimeInForce,
-    TradingState,
     UtcDatetime,
 )
 from services.core.keys import Keys
+from services.trading import OrderType, Side, TimeInForce, TradingState
 from services.trading.funds import Hold
 from services.trading.money import ZERO
 from services.trading.orders import TERMINAL, Order, OrderStatus

@@ -16,7 +16,7 @@ from typing import Any
 
 from services.core.bus import DATA, Bus
 from services.core.codec import encode
-from services.core.events import EventType, OrderType, Side, TimeInForce, TradingState, utcnow
+from services.core.events import EventType, utcnow
 from services.core.hotstate import (
     DEFAULT_LIMITS,
     LimitsRecord,
@@ -28,6 +28,7 @@ from services.core.hotstate import (
     new_order_id,
     requested_order,
 )
+from services.trading import OrderType, Side, TimeInForce, TradingState
 
 __all__ = ["OrderSpec", "inject_orders", "read_orders", "seed_portfolio"]
 

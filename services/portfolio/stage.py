@@ -28,8 +28,6 @@ from services.core.events import (
     OrderExecuted,
     PortfolioUpdated,
     PositionUpdated,
-    Side,
-    TradingState,
     utcnow,
 )
 from services.core.hotstate import (
@@ -43,6 +41,7 @@ from services.core.hotstate import (
     pairs,
 )
 from services.core.telemetry import consumer_span, get_logger
+from services.trading import Side, TradingState
 from services.trading.money import ZERO, money_context
 
 __all__ = ["FILL_MEMORY_S", "GROUP", "HANDLED", "PortfolioStage", "apply_fill_to_balances", "split_symbol"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
-from services.trading.risk import Instrument
+from services.trading import Instrument
 from services.venues.paper import DEFAULT_MARKETS
 
 __all__ = ["INSTRUMENTS", "TAKER_FEE"]

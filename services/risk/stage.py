@@ -35,10 +35,8 @@ from services.core.events import (
     OrderFailed,
     OrderRejected,
     OrderRequested,
-    OrderType,
     OrderValidated,
     PositionUpdated,
-    Side,
     utcnow,
 )
 from services.core.hotstate import (
@@ -58,6 +56,7 @@ from services.core.marks import Marks
 from services.core.telemetry import consumer_span, get_logger
 from services.risk.instruments import INSTRUMENTS, TAKER_FEE
 from services.risk.settings import DEFAULT_MARKET_SLIPPAGE
+from services.trading import OrderType, Side
 from services.trading.funds import hold_for
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus

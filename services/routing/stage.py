@@ -57,9 +57,7 @@ from services.core.events import (
     OrderCreated,
     OrderExecuted,
     OrderFailed,
-    OrderType,
     Route,
-    TimeInForce,
     derive_event_id,
     utcnow,
 )
@@ -67,6 +65,7 @@ from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateRe
 from services.core.marks import Marks
 from services.core.replication import NotReplicated, ReplicaWait, run_replicated
 from services.core.telemetry import consumer_span, get_logger
+from services.trading import OrderType, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
 from services.trading.routing import NoVenueAvailable, VenueOption, choose_venue

@@ -1,9 +1,11 @@
-"""The pure trading domain: order state machine, positions and PnL, pre-trade risk, funds held
-for open orders, routing.
+"""The pure trading domain: its vocabulary, order state machine, positions and PnL, pre-trade
+risk, funds held for open orders, routing.
 
 No I/O here: no Redis, no HTTP, no asyncio, no clock reads (time is a parameter), and money
 is ``Decimal`` only, so the same code runs in a stream consumer, a Hatchet task, a replay and
-a unit test. Enums shared with events (``Side``, ``OrderType``...) live in ``services.core.events``.
+a unit test. This package is the ground floor: it imports nothing of ours from outside it,
+and the rest of the platform, the event catalog included, names orders with its vocabulary
+(``Side``, ``OrderType``, ``TimeInForce``, ``TradingState``...).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from services.trading.orders import (
 )
 from services.trading.positions import Position
 from services.trading.risk import (
-    Instrument,
     OrderIntent,
     RejectReason,
     RiskDecision,
@@ -28,6 +29,16 @@ from services.trading.risk import (
     check_order,
 )
 from services.trading.routing import NoVenueAvailable, RouteDecision, VenueOption, choose_venue
+from services.trading.terms import OrderTerms
+from services.trading.vocabulary import (
+    Instrument,
+    Liquidity,
+    OrderType,
+    Side,
+    TimeInForce,
+    TradingState,
+    VenueQuote,
+)
 
 __all__ = [
     "DECIMAL_CONTEXT",
@@ -37,16 +48,23 @@ __all__ = [
     "Instrument",
     "InvalidFill",
     "InvalidTransition",
+    "Liquidity",
     "NoVenueAvailable",
     "Order",
     "OrderIntent",
     "OrderStatus",
+    "OrderTerms",
+    "OrderType",
     "Position",
     "RejectReason",
     "RiskDecision",
     "RiskLimits",
     "RouteDecision",
+    "Side",
+    "TimeInForce",
+    "TradingState",
     "VenueOption",
+    "VenueQuote",
     "check_order",
     "choose_venue",
     "hold_for",

@@ -23,8 +23,8 @@ import dataclasses
 import decimal
 from decimal import Decimal
 
-from services.core.events import Side
 from services.trading.money import DECIMAL_CONTEXT, ZERO, money_context
+from services.trading.vocabulary import Side
 
 __all__ = ["Hold", "hold_for"]
 

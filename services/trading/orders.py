@@ -12,8 +12,8 @@ import datetime as dt
 import enum
 from decimal import Decimal
 
-from services.core.events import OrderType, Side, TimeInForce
 from services.trading.money import ZERO, money_context
+from services.trading.vocabulary import OrderType, Side, TimeInForce
 
 __all__ = [
     "TERMINAL",

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from decimal import Decimal
 
-from services.core.events import Side
 from services.trading.money import ZERO, money_context
+from services.trading.vocabulary import Side
 
 __all__ = ["Position"]
 

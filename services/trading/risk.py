@@ -39,11 +39,10 @@ from collections.abc import Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Protocol
 
-from services.core.events import OrderType, Side, TradingState
 from services.trading.money import ZERO, is_multiple, money_context
+from services.trading.vocabulary import Instrument, OrderType, Side, TradingState
 
 __all__ = [
-    "Instrument",
     "OrderIntent",
     "RejectReason",
     "RiskDecision",
@@ -81,28 +80,6 @@ class OrderIntent(Protocol):
     def quantity(self) -> Decimal: ...
     @property
     def price(self) -> Decimal | None: ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Instrument:
-    """A spot pair as a venue trades it: ``BTC/USDT`` is base BTC, quote USDT."""
-
-    symbol: str
-    base: str
-    quote: str
-    quantity_step: Decimal
-    price_step: Decimal
-    min_quantity: Decimal
-    max_quantity: Decimal
-    min_notional: Decimal = ZERO
-
-    def __post_init__(self) -> None:
-        if not (self.quantity_step > 0 and self.price_step > 0):
-            raise ValueError(f"{self.symbol}: steps must be positive")
-        if not (0 < self.min_quantity <= self.max_quantity):
-            raise ValueError(f"{self.symbol}: need 0 < min_quantity <= max_quantity")
-        if self.min_notional < 0:
-            raise ValueError(f"{self.symbol}: min_notional must not be negative")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

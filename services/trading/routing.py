@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Iterable
 from decimal import Decimal
 
-from services.core.events import Side, VenueQuote
 from services.trading.money import money_context
+from services.trading.vocabulary import Side, VenueQuote
 
 __all__ = ["NoVenueAvailable", "RouteDecision", "VenueOption", "choose_venue"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from services.core.events import Liquidity, OrderType, Side, TimeInForce
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.money import ZERO
 
 __all__ = [

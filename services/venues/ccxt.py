@@ -35,8 +35,9 @@ import aiohttp
 import ccxt.async_support as ccxt_async
 from ccxt.base import errors as ccxt_errors
 
-from services.core.events import Liquidity, OrderType, Side, TimeInForce, utcnow
+from services.core.events import utcnow
 from services.core.keys import Keys
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.venues.base import (
     Balance,

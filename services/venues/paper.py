@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import ClassVar
 
-from services.core.events import Liquidity, OrderType, Side, TimeInForce, utcnow
+from services.core.events import utcnow
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.money import ZERO, is_multiple, money_context
 from services.venues.base import (
     Balance,

@@ -50,9 +50,10 @@ from redis.asyncio import Redis
 from devstack import stack as devstack
 from devstack.fleet import STAGING_VENUES, logged, start_venue, venues_setting
 from services.client import ApiError, AsyncClient, OrderRequest
-from services.core.events import EventType, Side
+from services.core.events import EventType
 from services.core.hotstate import LimitsRecord, PositionRecord, StateKeys, load
 from services.core.inject import read_orders, seed_portfolio
+from services.trading import Side
 from tests.e2e.conftest import ROOT, Stack
 from tests.e2e.test_crash_safety import stream_events, terminal_and_fill_events
 from tests.integration.conftest import Target, eventually

@@ -15,10 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 from services.core.codec import decode
-from services.core.events import Event, EventType, OrderType, Side
+from services.core.events import Event, EventType
 from services.core.hotstate import PositionRecord, StateKeys, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
 from services.core.hotstate import LimitsRecord
+from services.trading import OrderType, Side
 from tests.e2e.conftest import ROOT, SHARDS, Stack
 from tests.integration.conftest import eventually
 

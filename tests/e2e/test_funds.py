@@ -12,9 +12,10 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from services.core.codec import decode
-from services.core.events import Event, EventType, Liquidity, OrderExecuted, Side
+from services.core.events import Event, EventType, OrderExecuted
 from services.core.hotstate import LimitsRecord, PositionRecord, RiskRecord, StateKeys, decode_balances, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
+from services.trading import Liquidity, Side
 from services.trading.orders import OrderStatus
 from tests.e2e.conftest import Stack
 from tests.integration.conftest import eventually

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from services.core.events import Event, OrderCancelRequested, OrderType, Side, TimeInForce, TradingState
+from services.core.events import Event, OrderCancelRequested
 from services.core.hotstate import DEFAULT_LIMITS, PositionRecord, StateKeys, decode_balances, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
+from services.trading import OrderType, Side, TimeInForce, TradingState
 from services.trading.orders import OrderStatus
 from tests.e2e.conftest import Stack
 from tests.integration.conftest import eventually

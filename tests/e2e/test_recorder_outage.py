@@ -33,11 +33,12 @@ from devstack.fleet import Fleet
 from devstack.stack import ThrowawayPostgres
 from services.core.bus import Bus
 from services.core.codec import decode
-from services.core.events import EventType, Side
+from services.core.events import EventType
 from services.core.hotstate import LimitsRecord
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
 from services.core.redisconn import open_redis
 from services.core.settings import BusSettings
+from services.trading import Side
 from tests.e2e.conftest import ROOT, SHARDS, stack_env
 from tests.integration.conftest import Target, delete_namespace, eventually
 

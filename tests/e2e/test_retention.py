@@ -11,9 +11,10 @@ import uuid
 from collections import defaultdict
 from decimal import Decimal
 
-from services.core.events import EventType, Side
+from services.core.events import EventType
 from services.core.hotstate import LimitsRecord, PositionRecord, StateKeys, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
+from services.trading import Side
 from tests.e2e.conftest import SHARDS, Stack
 from tests.integration.conftest import eventually
 

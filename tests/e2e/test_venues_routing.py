@@ -19,9 +19,10 @@ import pytest
 
 from devstack.fleet import STAGING_VENUES, start_venue, venues_setting
 from services.core.codec import decode_any
-from services.core.events import EventType, ExchangeRouted, OrderType, Side
+from services.core.events import EventType, ExchangeRouted
 from services.core.hotstate import PositionRecord, StateKeys, load
 from services.core.inject import OrderSpec, inject_orders, read_orders, seed_portfolio
+from services.trading import OrderType, Side
 from services.trading.orders import OrderStatus
 from tests.e2e.conftest import SHARDS, Stack
 from tests.e2e.test_pipeline import wait_terminal

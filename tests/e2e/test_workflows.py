@@ -337,7 +337,7 @@ async def test_reconcile_finds_an_order_the_store_missed_at_the_venue_and_fixes_
     durable: Durable, tmp_path: Path
 ) -> None:
     from devstack.fleet import start_venue
-    from services.core.events import OrderType, Side, TimeInForce
+    from services.trading import OrderType, Side, TimeInForce
     from services.venues.base import VenueOrderRequest
     from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
 

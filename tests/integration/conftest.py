@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from services.core.bus import Bus
-from services.core.events import Event, EventType, OrderRequested, OrderType, Side
+from services.core.events import Event, EventType, OrderRequested
 from services.core.redisconn import AnyRedis, open_redis, scan_keys
 from services.core.settings import BusSettings, CoreSettings
+from services.trading import OrderType, Side
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,11 +10,12 @@ from decimal import Decimal
 from typing import Any
 
 from services.core.bus import Batch, Bus, Commit, Consumer
-from services.core.events import Event, EventType, Liquidity, OrderExecuted, Side
+from services.core.events import Event, EventType, OrderExecuted
 from services.core.hotstate import StateKeys, decode_balances
 from services.gateway.models import PortfolioBody
 from services.gateway.portfolios import Portfolios
 from services.portfolio.stage import GROUP, PortfolioStage
+from services.trading import Liquidity, Side
 from services.workflows.stages import Stages
 from tests.integration.conftest import eventually
 

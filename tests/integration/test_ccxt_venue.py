@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from devstack.fleet import start_venue
-from services.core.events import OrderType, Side, TimeInForce
 from services.core.keys import Keys
 from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import CoreSettings
+from services.trading import OrderType, Side, TimeInForce
 from services.venues.base import (
     OrderNotFound,
     RateLimited,

@@ -25,13 +25,10 @@ from services.core.codec import decode_any
 from services.core.events import (
     Event,
     EventType,
-    Liquidity,
     OrderExecuted,
     OrderFailed,
     RiskBreached,
     Route,
-    Side,
-    TradingState,
 )
 from services.core.redisconn import AnyRedis
 from services.core.runtime import Service
@@ -39,6 +36,7 @@ from services.core.settings import BusSettings
 from services.notifications import verify_signature
 from services.notifications.__main__ import GROUP, build
 from services.notifications.settings import NotificationsSettings
+from services.trading import Liquidity, Side, TradingState
 from tests.integration.conftest import ROOT, Target, eventually
 
 SECRET = "s3cret-for-tests-only-0123456789"

@@ -10,10 +10,11 @@ from decimal import Decimal
 from typing import Any
 
 from services.core.bus import Bus, Commit
-from services.core.events import Event, OrderCanceled, OrderType, OrderValidated, Side, utcnow
+from services.core.events import Event, OrderCanceled, OrderValidated, utcnow
 from services.core.hotstate import OrderRecord, StateKeys, load
 from services.core.inject import OrderSpec, inject_orders
 from services.order.stage import EXPIRED_REASON, GROUP, OrderStage
+from services.trading import OrderType, Side
 from services.trading.orders import OrderStatus
 from services.workflows.reconcile import open_orders
 

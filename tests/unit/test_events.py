@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 import pytest
@@ -17,16 +18,17 @@ from services.core.events import (
     EVENT_CLASSES,
     Event,
     EventType,
+    OrderCreated,
     OrderExecuted,
     OrderRequested,
-    OrderType,
-    Liquidity,
+    OrderValidated,
+    Payload,
     Route,
-    Side,
     derive_event_id,
     new_event_id,
 )
 from services.core.keys import Keys, shard_of
+from services.trading import Liquidity, OrderTerms, OrderType, Side, TimeInForce
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-([78])[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -167,3 +169,67 @@ def test_shard_when_hashed_is_stable_and_spreads() -> None:
     assert keys.stream(3, EventType.ORDER_REQUESTED) == "zvt:{3}:order.requested"
     assert keys.deadletter(3) == "zvt:{3}:deadletter"
     assert keys.state(3, "positions", "pf") == "zvt:{3}:positions:pf"
+
+
+# The order's terms as the three order events have always put them on the wire: these names,
+# in this order, before each event's own fields.
+TERMS_ON_THE_WIRE: dict[str, object] = {
+    "order_id": "o1",
+    "client_order_id": "c1",
+    "symbol": "BTC/USDT",
+    "side": "buy",
+    "order_type": "limit",
+    "quantity": "0.5",
+    "price": "100",
+    "time_in_force": "ioc",
+    "venue": "paper",
+}
+TERMS: dict[str, Any] = dict(
+    order_id="o1", client_order_id="c1", symbol="BTC/USDT", side=Side.BUY, order_type=OrderType.LIMIT,
+    quantity=Decimal("0.5"), price=Decimal("100"), time_in_force=TimeInForce.IOC, venue="paper",
+)
+TERMS_PAYLOADS: list[tuple[Payload, dict[str, object]]] = [
+    (OrderRequested(**TERMS, requested_by="key-1"), {"requested_by": "key-1"}),
+    (OrderValidated(**TERMS, reference_price=Decimal("99"), price_cap=Decimal("101")), {"reference_price": "99", "price_cap": "101"}),
+    (OrderCreated(**TERMS, price_cap=Decimal("101")), {"price_cap": "101"}),
+]
+TERMS_IDS = ["requested", "validated", "created"]
+
+
+@pytest.mark.parametrize(("payload", "own"), TERMS_PAYLOADS, ids=TERMS_IDS)
+def test_order_terms_when_shared_keep_each_payload_byte_identical_on_the_wire(payload: Payload, own: dict[str, object]) -> None:
+    # encoding a plain dict in the historical field order is what the payload encoded to
+    # when it listed the terms itself; JSON is the bus's codec, msgpack checks the same order
+    wire = {**TERMS_ON_THE_WIRE, **own}
+    assert isinstance(payload, OrderTerms)
+    assert payload.__struct_fields__ == tuple(wire)
+    assert msgspec.json.encode(payload) == msgspec.json.encode(wire)
+    assert msgspec.msgpack.encode(payload) == msgspec.msgpack.encode(wire)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "version", "own"),
+    [
+        (EventType.ORDER_REQUESTED, "1.0", {"requested_by": None}),
+        (EventType.ORDER_VALIDATED, "1.1", {"reference_price": "99", "price_cap": None}),
+        (EventType.ORDER_CREATED, "1.1", {"price_cap": "101"}),
+    ],
+    ids=TERMS_IDS,
+)
+def test_order_terms_when_a_stored_event_is_decoded_it_encodes_back_to_the_same_bytes(
+    event_type: EventType, version: str, own: dict[str, object]
+) -> None:
+    stored = msgspec.json.encode({
+        "event_id": "e", "event_type": str(event_type), "version": version, "occurred_at": "2024-01-01T00:00:00Z",
+        "portfolio_id": "p", "correlation_id": "e", "causation_id": None, "route": "stream",
+        "traceparent": None, "tracestate": None, "metadata": {}, "payload": {**TERMS_ON_THE_WIRE, **own},
+    })
+    event = decode(stored, event_type)
+    assert event.payload.side is Side.BUY and event.payload.time_in_force is TimeInForce.IOC
+    assert encode(event) == stored
+
+
+def test_order_terms_when_a_payload_has_an_unknown_field_it_is_rejected() -> None:
+    raw = msgspec.json.encode({**TERMS_ON_THE_WIRE, "price_cap": None, "surprise": 1})
+    with pytest.raises(msgspec.ValidationError, match="unknown field `surprise`"):
+        msgspec.json.decode(raw, type=OrderCreated)

@@ -17,17 +17,12 @@ from services.core.events import (
     Event,
     EventType,
     ExchangeRouted,
-    Liquidity,
     OrderCanceled,
     OrderCancelRequested,
     OrderExecuted,
     OrderRejected,
     OrderRequested,
-    OrderType,
     OrderValidated,
-    Side,
-    TimeInForce,
-    TradingState,
 )
 from services.core.hotstate import (
     DEFAULT_LIMITS,
@@ -44,6 +39,7 @@ from services.order.stage import EXPIRED_REASON, OrderStage, rebuild_order
 from services.portfolio.stage import PortfolioStage, _State, apply_fill_to_balances
 from services.replay.ledger import compare, rebuild
 from services.risk.stage import PortfolioState, RiskStage
+from services.trading import Liquidity, OrderType, Side, TimeInForce, TradingState
 from services.trading.orders import OrderStatus
 
 D = Decimal

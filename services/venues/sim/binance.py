@@ -42,7 +42,7 @@ from typing import Any
 
 import asyncio
 
-from services.core.events import OrderType, Side, TimeInForce
+from services.trading import OrderType, Side, TimeInForce
 from services.venues.base import (
     InsufficientFunds,
     OrderNotFound,

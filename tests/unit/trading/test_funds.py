@@ -9,7 +9,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.core.events import Side
+from services.trading import Side
 from services.trading.funds import Hold, hold_for
 
 D = Decimal

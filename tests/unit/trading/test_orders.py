@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.events import OrderType, Side, TimeInForce
+from services.trading import OrderType, Side, TimeInForce
 from services.trading.orders import (
     TERMINAL,
     TRANSITIONS,

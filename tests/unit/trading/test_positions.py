@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.events import Side
+from services.trading import Side
 from services.trading.positions import Position
 
 D = Decimal

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.events import OrderRequested, OrderType, Side, TradingState
+from services.core.events import OrderRequested
+from services.trading import Instrument, OrderType, Side, TradingState
 from services.trading.risk import (
-    Instrument,
     RejectReason,
     RiskDecision,
     RiskLimits,

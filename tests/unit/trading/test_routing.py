@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.events import Side, VenueQuote
+from services.trading import Side, VenueQuote
 from services.trading.routing import NoVenueAvailable, VenueOption, choose_venue
 
 D = Decimal

@@ -8,8 +8,8 @@ import aiohttp
 import ccxt
 import pytest
 
-from services.core.events import OrderType, Side
 from services.routing.settings import parse_venues
+from services.trading import OrderType, Side
 from services.venues.base import OrderRejected, VenueOrderRequest
 from services.venues.ccxt import ErrorClass, _classify
 from services.venues.paper import PaperVenue

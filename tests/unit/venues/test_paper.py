@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.core.events import Liquidity, OrderType, Side, TimeInForce
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.money import DECIMAL_CONTEXT, money_context
 from services.venues import (
     Balance,

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.core.events import Event, EventType, Liquidity, OrderExecuted, OrderRejected, OrderType, Side, TimeInForce
+from services.core.events import Event, EventType, OrderExecuted, OrderRejected
 from services.core.hotstate import Fill, OrderRecord
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.orders import OrderStatus
 from services.venues.base import VenueFill, VenueOrder, VenueOrderStatus
 from services.workflows.bridge import terminal_status

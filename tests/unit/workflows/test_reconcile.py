@@ -9,8 +9,9 @@ from decimal import Decimal
 
 import msgspec
 
-from services.core.events import EventType, Liquidity, OrderExecuted, OrderType, Side, TimeInForce
+from services.core.events import EventType, OrderExecuted
 from services.core.hotstate import Fill, OrderRecord, RestingOrder
+from services.trading import Liquidity, OrderType, Side, TimeInForce
 from services.trading.orders import OrderStatus
 from services.venues.base import Venue, VenueFill, VenueOrder, VenueOrderStatus, platform_fill_id
 from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
