@@ -169,6 +169,29 @@ async def test_orders_over_http_fill_reject_cancel_and_tell_their_story(http: Ht
         await c.cancel_order(market.order_id)
     assert terminal.value.status == 409
 
+    # a resting limit fills later, in parts, as the market comes to its price (the history
+    # replayed below holds those fills)
+    later = await c.place_order(order("pf-1", qty="1.5", order_type="limit", price=D("59000")), wait=1)
+    assert later.status == "routed" and later.filled_quantity == 0
+    from services.core.keys import Keys
+    from services.core.marks import Marks
+    from services.core.redisconn import open_redis
+
+    redis = await open_redis(http.target.core())
+    marks = Marks(redis, Keys(http.env["ZVT_BUS_NAMESPACE"], int(http.env["ZVT_BUS_SHARDS"]))).key
+    try:
+        for _ in range(40):
+            await redis.hset(marks, "BTC/USDT", "58900" if _ % 2 == 0 else "59500")
+            await asyncio.sleep(0.6)
+            if (await c.get_order(later.order_id)).status == "filled":
+                break
+    finally:
+        await redis.hset(marks, "BTC/USDT", "60000")
+        await redis.aclose()
+    filled_later = await c.get_order(later.order_id)
+    assert filled_later.status == "filled" and len(filled_later.fills) >= 2
+    assert {f.price for f in filled_later.fills} == {D("59000")}
+
     # the audit trail is complete and in causal order
     trail: list[dict[str, Any]] = []
     for _ in range(200):
