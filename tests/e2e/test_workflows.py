@@ -165,6 +165,31 @@ async def test_durable_order_through_the_gateway_fills_and_reads_like_the_fast_p
     assert [s["name"] for s in run["result"]["steps"]] == list(STEPS)
 
 
+async def test_durable_limit_when_it_rests_fills_later_through_the_routing_service(durable: Durable) -> None:
+    """A GTC limit placed by ``trading.place_order`` rests; the run ends with it routed. The
+    worker's in-process paper venue is nobody's to follow, so the routing service places the
+    rest at its own and reports the fill once the market comes to its price."""
+    d = durable
+    await d.client.put_portfolio("pf-wr", balances=FUNDS)
+    marks = StateKeys(d.bus.keys).marks()
+    await d.bus.redis.hset(marks, "BTC/USDT", "60000")
+    placed = await d.client.place_order(order("pf-wr", order_type="limit", price=D("59000")), wait=30, durable=True)
+    assert placed.status == "routed" and not placed.fills
+    await d.bus.redis.hset(marks, "BTC/USDT", "58900")
+    deadline = time.monotonic() + 60
+    while (got := await d.client.get_order(placed.order_id)).status != "filled":
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.3)
+    assert got.filled_quantity == D("0.01") and len(got.fills) == 1 and got.fills[0].price == D("59000")
+    while not (positions := {p["symbol"]: p for p in await d.client.positions("pf-wr")}).get("BTC/USDT"):
+        assert time.monotonic() < deadline, "the position never moved"
+        await asyncio.sleep(0.3)
+    assert D(positions["BTC/USDT"]["quantity"]) == D("0.01")
+    while await reservations(d, "pf-wr"):
+        assert time.monotonic() < deadline, "the reservation was never released"
+        await asyncio.sleep(0.3)
+
+
 async def test_a_task_that_fails_once_succeeds_on_retry(durable: Durable) -> None:
     await durable.client.put_portfolio("pf-r", balances=FUNDS)
     order_id, run_id = await start_with_faults(durable, "pf-r", {"check_risk_limits": 1, "execute_order": 1})
