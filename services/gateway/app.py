@@ -63,14 +63,15 @@ from services.gateway.models import (
     WorkflowRunAccepted,
     decode_body,
     openapi_components,
+    order_view,
 )
-from services.gateway.orders import OrderDesk, Submitted, order_view
 from services.gateway.portfolios import Portfolios
 from services.gateway.limits import OrderRate, WaitCap
-from services.gateway.problems import FieldError, Problem, field_of, from_problem, problem_response
+from services.gateway.problems import FieldError, Problem, field_of, from_problem, problem_of, problem_response
 from services.gateway.settings import GatewaySettings
 from services.gateway.waiters import Waiters
 from services.gateway.workflows import WorkflowDesk
+from services.intake import EventStoreUnavailable, IntakeError, IntakeSettings, OrderDesk, Submitted
 from services.workflows.contracts import REBALANCE, RebalanceInput
 from services.workflows.settings import HatchetSettings
 from services.recorder.store import EventStore
@@ -102,7 +103,7 @@ class Gateway:
 
     def __init__(
         self, bus: Bus, settings: GatewaySettings, hatchet: HatchetSettings | None = None,
-        postgres: PostgresSettings | None = None,
+        postgres: PostgresSettings | None = None, intake: IntakeSettings | None = None,
     ) -> None:
         self.bus = bus
         self.postgres = postgres or load(PostgresSettings)
@@ -112,7 +113,7 @@ class Gateway:
             bus.redis, StateKeys(bus.keys), settings.key_cache_ttl_s, cache_size=settings.key_cache_size,
             bad_key_ttl_s=settings.bad_key_cache_ttl_s,
         )
-        self.desk = OrderDesk(bus, settings.orders_index_max, settings.idempotency_ttl_s, archive=self.store)
+        self.desk = OrderDesk(bus, intake or load(IntakeSettings), archive=self.store, outside=outside_deadline)
         self.order_rate = OrderRate(bus.redis, bus.keys, settings.key_order_rate, settings.key_order_window_s)
         self.wait_cap = WaitCap(settings.key_max_waits, settings.retry_after_s)
         self.portfolios = Portfolios(bus)
@@ -165,7 +166,8 @@ class Gateway:
                 log.warning("backlog measure failed", error=str(exc))
 
     async def store(self) -> EventStore:
-        """The event store, opened on first use (the order path never needs it)."""
+        """The event store, opened on first use (the order path never needs it);
+        ``EventStoreUnavailable`` when it cannot be reached."""
         if self._store is None:
             async with self._store_lock:
                 if self._store is None:
@@ -176,7 +178,7 @@ class Gateway:
                         )
                     except Exception as exc:
                         log.warning("event store unavailable", error=type(exc).__name__)
-                        raise Problem(503, "event_store_unavailable", "the event store cannot be reached") from None
+                        raise EventStoreUnavailable("the event store cannot be reached") from None
         return self._store
 
     async def ready(self) -> dict[str, bool]:
@@ -351,6 +353,8 @@ class LeanOrders:
                     response = await self.place(authorization, read, wait, durable)
             except Problem as exc:
                 response = from_problem(exc)
+            except IntakeError as exc:
+                response = from_problem(problem_of(exc))
             except RedisError:
                 response = from_problem(redis_unavailable(self.ROUTE, self.retry_after_s))
             except TimeoutError:
@@ -486,6 +490,11 @@ def create_app(gw: Gateway) -> FastAPI:
     async def on_problem(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, Problem)
         return from_problem(exc)
+
+    @app.exception_handler(IntakeError)
+    async def on_intake(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, IntakeError)
+        return from_problem(problem_of(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: Exception) -> Response:
