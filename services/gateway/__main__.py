@@ -18,7 +18,8 @@ import uvicorn
 from services.core.runtime import Service, main
 from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger
-from services.gateway.app import Gateway, create_app
+from services.gateway.app import create_app
+from services.gateway.gateway import Gateway
 from services.gateway.settings import GatewaySettings
 from services.intake import IntakeSettings
 from services.workflows.settings import HatchetSettings
