@@ -1,4 +1,4 @@
-"""What ``ZVT_BUS_WAIT_REPLICAS`` costs an order submission: the gateway's submit (``OrderDesk``,
+"""What ``ZVT_BUS_WAIT_REPLICAS`` costs an order submission: the intake's submit (``OrderDesk``,
 the submit script in the portfolio's slot, batched like the gateway does) with ``WAIT`` off and
 on, on the devstack Redis Cluster (3 masters, 1 replica each, AOF on), in the same run.
 
@@ -32,8 +32,7 @@ from services.core.bus import Bus  # noqa: E402
 from services.core.inject import seed_portfolio  # noqa: E402
 from services.core.redisconn import AnyRedis, open_redis, scan_keys  # noqa: E402
 from services.core.settings import BusSettings, CoreSettings  # noqa: E402
-from services.gateway.models import OrderBody  # noqa: E402
-from services.gateway.orders import OrderDesk  # noqa: E402
+from services.intake import IntakeSettings, OrderBody, OrderDesk  # noqa: E402
 from services.trading import OrderType, Side, TimeInForce  # noqa: E402
 
 PORTFOLIOS = 32
@@ -92,7 +91,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for label, replicas in (("off", 0), ("on", args.replicas)):
             settings = BusSettings(namespace=namespace, shards=SHARDS, wait_replicas=replicas,
                                    wait_timeout_ms=args.timeout_ms)
-            desks[label] = OrderDesk(Bus(redis, settings), index_max=10_000, coid_ttl_s=3600)
+            desks[label] = OrderDesk(Bus(redis, settings), IntakeSettings(orders_index_max=10_000, idempotency_ttl_s=3600))
         bus = next(iter(desks.values())).bus
         for i in range(PORTFOLIOS):
             await seed_portfolio(bus, f"bw-{i}", {"USDT": Decimal("1e12")})

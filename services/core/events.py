@@ -22,8 +22,8 @@ import msgspec
 
 from services.trading import Liquidity, OrderTerms, OrderType, Side, TimeInForce, TradingState, VenueQuote
 
-# The vocabulary lives in ``services.trading``; it is also exported from here only until
-# services/gateway and services/workflows import it from its home (issue 15).
+# The vocabulary (sides, order types, ...) and the order's terms live in ``services.trading``,
+# the ground floor; the payloads here are built from them. Import them from there.
 
 __all__ = [
     "CATALOG",
@@ -32,7 +32,6 @@ __all__ = [
     "Event",
     "EventType",
     "ExchangeRouted",
-    "Liquidity",
     "OrderCancelRequested",
     "OrderCanceled",
     "OrderCreated",
@@ -40,7 +39,6 @@ __all__ = [
     "OrderFailed",
     "OrderRejected",
     "OrderRequested",
-    "OrderType",
     "OrderValidated",
     "OrderbookUpdated",
     "Payload",
@@ -52,11 +50,7 @@ __all__ = [
     "RiskAssessed",
     "RiskBreached",
     "Route",
-    "Side",
-    "TimeInForce",
     "TradeTick",
-    "TradingState",
-    "VenueQuote",
     "WorkflowCompleted",
     "WorkflowFailed",
     "WorkflowStarted",

@@ -374,6 +374,7 @@ DOCUMENTED_MODULES = (
     "services.routing.settings",
     "services.notifications.settings",
     "services.gateway.settings",
+    "services.intake.settings",
     "services.workflows.settings",
 )
 

@@ -18,8 +18,10 @@ import uvicorn
 from services.core.runtime import Service, main
 from services.core.settings import PostgresSettings, load
 from services.core.telemetry import get_logger
-from services.gateway.app import Gateway, create_app
+from services.gateway.app import create_app
+from services.gateway.gateway import Gateway
 from services.gateway.settings import GatewaySettings
+from services.intake import IntakeSettings
 from services.workflows.settings import HatchetSettings
 
 log = get_logger("zvt.gateway")
@@ -37,12 +39,13 @@ def build(service: Service) -> None:
     settings = load(GatewaySettings)
     hatchet = load(HatchetSettings)
     postgres = load(PostgresSettings)
+    intake = load(IntakeSettings)
     state: dict[str, Gateway] = {}
     server: dict[str, _Server] = {}
 
     async def start(svc: Service) -> None:
         assert svc.bus is not None
-        gateway = Gateway(svc.bus, settings, hatchet, postgres)
+        gateway = Gateway(svc.bus, settings, hatchet, postgres, intake)
         await gateway.start()
         state["gateway"] = gateway
         config = uvicorn.Config(

@@ -6,13 +6,17 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from services.core.events import OrderType, Side, TimeInForce, TradingState
-from services.gateway.problems import FieldError, Problem, ProblemBody
+from services.core.hotstate import OrderRecord
+from services.gateway.problems import FieldError, Problem, ProblemBody, problem_of
+from services.intake import terms
+from services.intake.errors import InvalidOrder
+from services.intake.terms import DECIMAL, ID, SYMBOL, DecimalString, Id, OrderBody, Symbol, exact
+from services.trading import OrderType, Side, TimeInForce, TradingState
 from services.trading.orders import OrderStatus
 
 __all__ = [
@@ -33,41 +37,25 @@ __all__ = [
     "TradingStateBody",
     "decode_body",
     "openapi_components",
+    "order_view",
     "positive_decimal",
 ]
 
-# Every pattern matches a value in full. Each is written twice from one body: ``^body$`` is
-# the JSON Schema (ECMA-262) form, where ``$`` is the end of the input; it is what the OpenAPI
-# document shows and what FastAPI's path and query parameters use (pydantic-core's regex
-# engine also reads ``$`` as the end of the input). msgspec matches with Python's
-# ``re.search``, where ``$`` also matches before a final newline (``"pf-1\n"`` would pass), so
-# the bodies' structs use ``^body\Z``; ``openapi_components`` writes those back as ``$``.
-_ID = r"[A-Za-z0-9._:-]{1,64}"
-_SYMBOL = r"[A-Z0-9]{2,12}/[A-Z0-9]{2,12}"
+# Patterns: each is written twice from one body, ``^body$`` (JSON Schema, FastAPI parameters)
+# and ``^body\Z`` (msgspec); why, in ``services.intake.terms``, which owns the order's fields.
 _ASSET = r"[A-Z0-9]{2,12}"
-_DECIMAL = r"[0-9]{1,20}(\.[0-9]{1,18})?"
 _NAME = r"[A-Za-z0-9 ._:-]{1,64}"
 
-ID_PATTERN = f"^{_ID}$"
+ID_PATTERN = f"^{ID}$"
 """An id as JSON Schema and FastAPI parameters read it (``$``: end of input)."""
-SYMBOL_PATTERN = f"^{_SYMBOL}$"
+SYMBOL_PATTERN = f"^{SYMBOL}$"
 ASSET_PATTERN = f"^{_ASSET}$"
-DECIMAL_PATTERN = f"^{_DECIMAL}$"
+DECIMAL_PATTERN = f"^{DECIMAL}$"
 NAME_PATTERN = f"^{_NAME}$"
 
 
-def _exact(body: str) -> str:
-    """The body as a Python pattern that ``re.search`` (msgspec) only matches in full."""
-    return f"^{body}\\Z"
-
-
-Id = Annotated[str, msgspec.Meta(pattern=_exact(_ID), description="1 to 64 of `A-Z a-z 0-9 . _ : -`")]
-Symbol = Annotated[str, msgspec.Meta(pattern=_exact(_SYMBOL), description="`BASE/QUOTE`, e.g. `BTC/USDT`")]
-Asset = Annotated[str, msgspec.Meta(pattern=_exact(_ASSET), description="An asset, e.g. `USDT`")]
-DecimalString = Annotated[
-    str, msgspec.Meta(pattern=_exact(_DECIMAL), description="A non-negative decimal as a string, e.g. `\"0.25\"`")
-]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_exact(_NAME))]
+Asset = Annotated[str, msgspec.Meta(pattern=exact(_ASSET), description="An asset, e.g. `USDT`")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=exact(_NAME))]
 
 
 class Scope(enum.StrEnum):
@@ -77,20 +65,6 @@ class Scope(enum.StrEnum):
 
 
 # -- requests ---------------------------------------------------------------------------------
-
-
-class OrderBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A new order. `price` is required for `limit` orders and forbidden for `market` ones."""
-
-    client_order_id: Id
-    portfolio_id: Id
-    symbol: Symbol
-    side: Side
-    type: OrderType
-    quantity: DecimalString
-    price: DecimalString | None = None
-    time_in_force: TimeInForce = TimeInForce.GTC
-    venue: Id | None = None
 
 
 class LimitsBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -261,6 +235,26 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True):
     checks: dict[str, bool]
 
 
+def order_view(r: OrderRecord) -> OrderView:
+    """An order record as the API shows it."""
+    return OrderView(
+        order_id=r.order_id, client_order_id=r.client_order_id, status=r.status, correlation_id=r.correlation_id,
+        portfolio_id=r.portfolio_id, symbol=r.symbol, side=r.side, type=r.order_type, quantity=r.quantity,
+        price=r.price, time_in_force=r.time_in_force, requested_venue=r.requested_venue, venue=r.venue,
+        filled_quantity=r.filled_quantity, avg_fill_price=r.avg_fill_price, commission=r.commission,
+        commission_asset=r.commission_asset, reject_code=r.reject_code, reject_reason=r.reject_reason,
+        fills=[
+            FillView(
+                fill_id=f.fill_id, quantity=f.quantity, price=f.price, commission=f.commission,
+                commission_asset=f.commission_asset, liquidity=f.liquidity, venue=f.venue, at=f.at,
+            )
+            for f in r.fills
+        ],
+        created_at=r.created_at, updated_at=r.updated_at,
+    )
+
+
+
 # -- decoding ---------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -302,13 +296,11 @@ def _invalid(message: str) -> Problem:
 
 
 def positive_decimal(value: str, field: str, *, allow_zero: bool = False) -> Decimal:
+    """The intake's ``positive_decimal`` for the gateway's other bodies: a 422 ``Problem``."""
     try:
-        number = Decimal(value)
-    except InvalidOperation:
-        raise Problem.invalid(field, "must be a decimal string") from None
-    if not number.is_finite() or number < 0 or (number == 0 and not allow_zero):
-        raise Problem.invalid(field, "must be a positive decimal" if not allow_zero else "must not be negative")
-    return number
+        return terms.positive_decimal(value, field, allow_zero=allow_zero)
+    except InvalidOrder as exc:
+        raise problem_of(exc) from None
 
 
 def openapi_components() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import msgspec
 
 from services.core.bus import Bus, with_trace
 from services.core.codec import encode
-from services.core.events import Event, EventType, PortfolioUpdated, TradingState, utcnow
+from services.core.events import Event, EventType, PortfolioUpdated, utcnow
 from services.core.hotstate import (
     DEFAULT_LIMITS,
     LimitsRecord,
@@ -33,6 +33,7 @@ from services.gateway.models import (
     positive_decimal,
 )
 from services.gateway.problems import Problem
+from services.trading import TradingState
 
 __all__ = ["BALANCE_READERS", "Portfolios"]
 

@@ -9,7 +9,15 @@ from typing import Any
 import msgspec
 from starlette.responses import Response
 
-__all__ = ["PROBLEM_JSON", "FieldError", "Problem", "ProblemBody", "problem_response"]
+from services.intake.errors import (
+    ClientOrderIdConflict,
+    EventStoreUnavailable,
+    IntakeError,
+    InvalidOrder,
+    PortfolioNotFound,
+)
+
+__all__ = ["PROBLEM_JSON", "FieldError", "Problem", "ProblemBody", "problem_of", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -52,6 +60,24 @@ class Problem(Exception):
     @classmethod
     def invalid(cls, field: str, message: str) -> Problem:
         return cls(422, "validation_error", f"{field}: {message}", errors=[FieldError(field, message)])
+
+
+def problem_of(exc: IntakeError) -> Problem:
+    """The answer to an error of the intake (``services.intake.errors``): the one place they
+    become problems."""
+    if isinstance(exc, InvalidOrder):
+        return Problem.invalid(exc.field, exc.message)
+    if isinstance(exc, PortfolioNotFound):
+        p = exc.portfolio_id
+        return Problem(404, "portfolio_not_found", f"portfolio {p} does not exist (create it with PUT /v1/portfolios/{p})")
+    if isinstance(exc, ClientOrderIdConflict):
+        return Problem(
+            409, "client_order_id_conflict",
+            f"client_order_id {exc.client_order_id} was already used for a different order",
+        )
+    if isinstance(exc, EventStoreUnavailable):
+        return Problem(503, "event_store_unavailable", exc.detail)
+    raise TypeError(f"no problem for {type(exc).__name__}") from exc
 
 
 _encode = msgspec.json.Encoder().encode

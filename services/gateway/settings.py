@@ -81,12 +81,6 @@ class GatewaySettings(BaseSettings):
         "clients' own idle expiry (the Python client's is 2 s), so a client never reuses a connection the gateway "
         "is closing at that moment.",
     )
-    orders_index_max: int = Field(
-        10_000, ge=10, le=1_000_000, description="Newest order ids kept per portfolio in its order index."
-    )
-    idempotency_ttl_s: int = Field(
-        7 * 86_400, ge=60, le=365 * 86_400, description="How long a client order id maps to its order (idempotency window)."
-    )
     wait_block_ms: int = Field(
         1_000, ge=10, le=4_000,
         description="How long the waiter's read of terminal-status events blocks (below the Redis socket timeout).",

@@ -1,5 +1,5 @@
-"""What tasks share in a worker process: Redis, the bus, the stages, the run store. Built in
-the worker's own event loop (Hatchet's lifespan) and reached from a task's context."""
+"""What tasks share in a worker process: Redis, the bus, the stages, the run store, the intake.
+Built in the worker's own event loop (Hatchet's lifespan) and reached from a task's context."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hatchet_sdk import Context, Hatchet
 from services.core.bus import Bus
 from services.core.redisconn import open_redis
 from services.core.settings import BusSettings, CoreSettings, load
+from services.intake import IntakeSettings, OrderDesk
 from services.routing.feed import PriceFeed
 from services.routing.settings import RoutingSettings
 from services.routing.venues import build_venues
@@ -22,7 +23,7 @@ from services.workflows.runs import RunStore
 from services.workflows.settings import WorkflowSettings
 from services.workflows.stages import Stages
 
-__all__ = ["Deps", "InjectedFault", "deps_of", "failure_of", "inject_fault", "make_lifespan"]
+__all__ = ["Deps", "InjectedFault", "deps_of", "failure_of", "inject_fault", "make_lifespan", "order_desk"]
 
 
 class InjectedFault(RuntimeError):
@@ -37,6 +38,7 @@ class Deps:
     bus: Bus
     stages: Stages
     runs: RunStore
+    intake: OrderDesk
 
 
 def deps_of(ctx: Context) -> Deps:
@@ -57,6 +59,13 @@ def failure_of(ctx: Context) -> tuple[str | None, str]:
     return step, "; ".join(f"{k}: {v}" for k, v in errors.items())[:2000] or "the run failed"
 
 
+def order_desk(bus: Bus) -> OrderDesk:
+    """The worker's intake (a rebalance's child orders): ``IntakeSettings`` from the same
+    environment as the gateway's, so both keep a portfolio's order index and its client order
+    ids alike. No event store: an order that has left Redis is not looked for."""
+    return OrderDesk(bus, load(IntakeSettings))
+
+
 def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: WorkflowSettings, hatchet: Hatchet) -> Any:
     async def lifespan() -> AsyncIterator[Deps]:
         redis = await open_redis(core)
@@ -71,7 +80,7 @@ def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: Workf
         bridge = bridge_consumer(bus, hatchet)
         await bridge.start()
         try:
-            yield Deps(core, settings, redis, bus, stages, RunStore(redis, bus.keys))
+            yield Deps(core, settings, redis, bus, stages, RunStore(redis, bus.keys), order_desk(bus))
         finally:
             bridge.stop()
             await bridge.wait(5)

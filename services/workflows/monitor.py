@@ -26,7 +26,6 @@ from services.core.events import (
     PriceLevel,
     PriceUpdated,
     RiskBreached,
-    TradingState,
     derive_event_id,
 )
 from services.core.hotstate import PortfolioRecord, decode_balances, load
@@ -34,6 +33,7 @@ from services.core.marks import Marks
 from services.core.redisconn import scan_keys
 from services.core.telemetry import get_logger
 from services.gateway.portfolios import Portfolios
+from services.trading import TradingState
 from services.trading.money import ZERO, money_context
 from services.workflows.contracts import MARKET_DATA, RISK_MONITOR
 from services.workflows.deps import Deps, deps_of

@@ -7,6 +7,8 @@ orders; then ``workflow.failed``. On success ``portfolio.rebalanced``.
 
 Children are ordinary orders (route ``stream``) with client order ids derived from the run,
 so a retried ``submit_children`` finds the orders it placed instead of placing them twice.
+They are accepted through the intake the gateway uses (``deps.intake``, the same
+``IntakeSettings``: the portfolio's order index and idempotency window are the gateway's).
 The wait wakes on the bridge's ``zvt:order.terminal`` Hatchet events (``bridge.py``), and
 also every second to look at the records, so an event that came before the wait began is not
 missed.
@@ -26,10 +28,7 @@ from hatchet_sdk.exceptions import NonRetryableException
 
 from services.core.events import (
     Event,
-    OrderType,
     PortfolioRebalanced,
-    Side,
-    TimeInForce,
     WorkflowFailed,
     WorkflowStarted,
     derive_event_id,
@@ -37,8 +36,8 @@ from services.core.events import (
 from services.core.hotstate import OrderRecord, PositionRecord, StateReader, decode_balances, load, pairs
 from services.core.marks import Marks
 from services.core.telemetry import get_logger
-from services.gateway.models import OrderBody
-from services.gateway.orders import OrderDesk
+from services.intake import ClientOrderIdConflict, InvalidOrder, OrderBody, PortfolioNotFound, validate
+from services.trading import OrderType, Side, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
 from services.venues.paper import DEFAULT_MARKETS
@@ -108,6 +107,17 @@ async def _children(deps: Deps, pid: str, order_ids: list[str]) -> list[OrderRec
     return [load(OrderRecord, raw) for raw in raws if raw]
 
 
+async def _submit(deps: Deps, body: OrderBody, requested_by: str) -> str:
+    """A child order, accepted (or found, when a retried task places it again); its id. What
+    the intake refuses it refuses again: the task fails for good."""
+    try:
+        quantity, price = validate(body)
+        submitted = await deps.intake.submit(body, quantity, price, requested_by)
+    except (InvalidOrder, PortfolioNotFound, ClientOrderIdConflict) as exc:
+        raise NonRetryableException(f"child order {body.client_order_id}: {exc}") from exc
+    return submitted.record.order_id
+
+
 def _event(ctx: Context, pid: str) -> Event[Any]:
     """The run's ``workflow.started``; its id is derived from the run id, so the events derived
     from it keep their ids when a task runs again."""
@@ -147,16 +157,13 @@ def define_rebalance(hatchet: Hatchet) -> Any:
     async def submit_children(input: RebalanceInput, ctx: Context) -> dict[str, Any]:
         deps = deps_of(ctx)
         inject_fault(deps, input.faults, "submit_children", ctx)
-        desk = OrderDesk(deps.bus, 1000, 86_400)
         order_ids: list[str] = []
         for i, leg in enumerate(ctx.task_output(plan)["legs"]):
             body = OrderBody(
                 client_order_id=f"{CHILD_ORDER_PREFIX}{ctx.workflow_run_id}-{i}", portfolio_id=input.portfolio_id, symbol=leg["symbol"],
                 side=Side(leg["side"]), type=OrderType.MARKET, quantity=leg["quantity"], time_in_force=TimeInForce.IOC,
             )
-            quantity, price = OrderDesk.validate(body)
-            submitted = await desk.submit(body, quantity, price, input.requested_by or f"workflow:{ctx.workflow_run_id}")
-            order_ids.append(submitted.record.order_id)
+            order_ids.append(await _submit(deps, body, input.requested_by or f"workflow:{ctx.workflow_run_id}"))
         return {"order_ids": order_ids}
 
     @wf.durable_task(parents=[submit_children], execution_timeout=dt.timedelta(minutes=5))
@@ -207,7 +214,6 @@ def define_rebalance(hatchet: Hatchet) -> Any:
         """Cancel the children still open; with ``all_or_nothing`` unwind the filled legs."""
         deps = deps_of(ctx)
         step, error = failure_of(ctx)
-        desk = OrderDesk(deps.bus, 1000, 86_400)
         order_ids: list[str] = []
         try:
             order_ids = ctx.task_output(submit_children)["order_ids"]
@@ -216,7 +222,7 @@ def define_rebalance(hatchet: Hatchet) -> Any:
         canceled, unwound = [], []
         for record in await _children(deps, input.portfolio_id, order_ids):
             if not record.is_terminal:
-                await desk.request_cancel(record, f"workflow:{ctx.workflow_run_id}")
+                await deps.intake.request_cancel(record, f"workflow:{ctx.workflow_run_id}")
                 canceled.append(record.order_id)
             filled = sum((f.quantity for f in record.fills), ZERO)
             if input.all_or_nothing and filled > 0:
@@ -226,9 +232,7 @@ def define_rebalance(hatchet: Hatchet) -> Any:
                     side=Side.SELL if record.side is Side.BUY else Side.BUY, type=OrderType.MARKET,
                     quantity=str(filled), time_in_force=TimeInForce.IOC,
                 )
-                quantity, price = OrderDesk.validate(body)
-                undo = await desk.submit(body, quantity, price, f"workflow:{ctx.workflow_run_id}")
-                unwound.append(undo.record.order_id)
+                unwound.append(await _submit(deps, body, f"workflow:{ctx.workflow_run_id}"))
         await deps.runs.failed(ctx.workflow_run_id, error, step)
         origin = _event(ctx, input.portfolio_id)
         try:

@@ -26,8 +26,7 @@ from services.core.bus import Bus
 from services.core.hotstate import StateKeys
 from services.core.redisconn import open_redis
 from services.core.settings import BusSettings
-from services.gateway.models import OrderBody
-from services.gateway.orders import OrderDesk
+from services.intake import IntakeSettings, OrderBody, OrderDesk, validate
 from services.gateway.workflows import WorkflowDesk
 from services.workflows.client import hatchet_client
 from services.workflows.contracts import MARKET_DATA, RECONCILE, RISK_MONITOR
@@ -82,8 +81,8 @@ async def durable(request: pytest.FixtureRequest, postgres_dsn: str, hatchet_env
         tls_strategy="none", namespace=f"{namespace}_",
     )
     try:
-        yield Durable(env, fleet, client, bus, OrderDesk(bus, 1000, 3600), WorkflowDesk(bus, hatchet),
-                      hatchet_client(hatchet))
+        desk = OrderDesk(bus, IntakeSettings(orders_index_max=1000, idempotency_ttl_s=3600))
+        yield Durable(env, fleet, client, bus, desk, WorkflowDesk(bus, hatchet), hatchet_client(hatchet))
     finally:
         await client.aclose()
         fleet.stop()
@@ -99,7 +98,7 @@ async def start_with_faults(d: Durable, pid: str, faults: dict[str, int], qty: s
     """Accept an order as the gateway does and start its run with injected faults."""
     body = OrderBody(client_order_id=uuid.uuid4().hex, portfolio_id=pid, symbol="BTC/USDT", side="buy",
                      type="market", quantity=qty)
-    quantity, price = OrderDesk.validate(body)
+    quantity, price = validate(body)
     submitted = await d.desk.submit(body, quantity, price, "test", durable=True)
     assert submitted.event is not None
     run_id = await d.workflows.start_order(submitted.record, submitted.event, faults=faults)

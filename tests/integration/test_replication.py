@@ -30,6 +30,7 @@ from services.core.replication import (
 )
 from services.core.settings import BusSettings, CoreSettings
 from services.gateway import Gateway, GatewaySettings, create_app
+from services.intake import IntakeSettings
 from services.routing.stage import RoutingStage
 from services.venues.paper import PaperVenue
 from tests.integration.conftest import Target, delete_namespace
@@ -123,7 +124,7 @@ async def test_gateway_when_no_replica_confirms_the_order_answers_503_not_replic
         coid = bus.keys.state(bus.keys.shard_of("pf-1"), "coid", "pf-1", "c-1")
         order_id = (await redis.get(coid)).decode()
         assert await redis.get(StateKeys(bus.keys).order("pf-1", order_id))
-        assert 0 < int(await redis.ttl(coid)) <= GatewaySettings().idempotency_ttl_s
+        assert 0 < int(await redis.ttl(coid)) <= IntakeSettings().idempotency_ttl_s
 
 
 async def test_gateway_when_a_replica_confirms_the_order_answers_202_then_200(redis_cluster_url: str) -> None:

@@ -1,5 +1,6 @@
 """The order desk: accept an order (one script in the portfolio's slot), look orders up,
-ask for a cancel, list a portfolio's orders.
+ask for a cancel, list a portfolio's orders. The gateway and the workflows (a rebalance's
+child orders) accept orders through it alike, with the same ``IntakeSettings``.
 
 A finished order's record leaves Redis ``ZVT_ORDER_TERMINAL_RETENTION_S`` after it ended (and
 its entry in the portfolio's orders index once it is that old); from then on the desk rebuilds
@@ -9,9 +10,10 @@ rebuilt record like on a live one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +26,6 @@ from services.core.events import (
     Event,
     EventType,
     OrderCancelRequested,
-    OrderType,
     Route,
     derive_event_id,
     utcnow,
@@ -41,22 +42,23 @@ from services.core.hotstate import (
     requested_order,
     shard_of_order_id,
 )
-from services.gateway.deadline import outside_deadline
-from services.gateway.models import FillView, OrderBody, OrderView, positive_decimal
-from services.gateway.problems import Problem
+from services.intake.errors import ClientOrderIdConflict, EventStoreUnavailable, PortfolioNotFound
+from services.intake.settings import IntakeSettings
+from services.intake.terms import OrderBody
+from services.intake.terms import validate as validate_terms
 from services.order.stage import rebuild_order
 from services.recorder.store import EventStore, StoredEvent
 from services.trading.orders import OrderStatus
 
-log = get_logger("zvt.gateway.orders")
+log = get_logger("zvt.intake")
 
 Archive = Callable[[], Awaitable[EventStore]]
-"""The event store, opened on first use (``Gateway.store``; raises a 503 ``Problem``)."""
+"""The event store, opened on first use (``Gateway.store``; raises ``EventStoreUnavailable``)."""
 
 ARCHIVE_SCAN_MAX = 5_000
 """Most ``order.requested`` events one listing reads from the event store (past Redis's index)."""
 
-__all__ = ["OrderDesk", "Submitted", "order_view"]
+__all__ = ["ARCHIVE_SCAN_MAX", "Archive", "DURABLE_REQUEST", "OrderDesk", "Submitted", "body_hash", "record_hash"]
 
 _SUBMIT_LUA = """
 -- KEYS: portfolio, coid, order, orders index, order.requested stream (one slot)
@@ -123,15 +125,21 @@ def _hash(portfolio_id: str, client_order_id: str, symbol: str, side: str, order
 
 
 class OrderDesk:
-    def __init__(self, bus: Bus, index_max: int, coid_ttl_s: int, archive: Archive | None = None) -> None:
-        """``archive``: where orders that have left Redis are found (none: they are not)."""
+    def __init__(
+        self, bus: Bus, settings: IntakeSettings, archive: Archive | None = None,
+        outside: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
+        """``archive``: where orders that have left Redis are found (none: they are not).
+        ``outside``: wraps each event store query (the gateway's: not counted against the
+        request's deadline; the event store has its own timeouts)."""
         self.archive = archive
+        self.outside = outside
         self.bus = bus
         self.redis = bus.redis
         self.keys = bus.keys
         self.state = StateKeys(bus.keys)
-        self.index_max = index_max
-        self.coid_ttl_s = coid_ttl_s
+        self.index_max = settings.orders_index_max
+        self.coid_ttl_s = settings.idempotency_ttl_s
         # Concurrent submissions share round trips (one pipeline per batch). With
         # ZVT_BUS_WAIT_REPLICAS each round trip ends with WAIT on the same connection(s): an
         # order is reported accepted only once that many replicas have it.
@@ -142,18 +150,7 @@ class OrderDesk:
             else ScriptBatcher(bus.redis, _SUBMIT_LUA)
         )
 
-    @staticmethod
-    def validate(body: OrderBody) -> tuple[Decimal, Decimal | None]:
-        """Checks the schema cannot express; 422 naming the field."""
-        quantity = positive_decimal(body.quantity, "quantity")
-        price: Decimal | None = None
-        if body.type is OrderType.LIMIT:
-            if body.price is None:
-                raise Problem.invalid("price", "is required for limit orders")
-            price = positive_decimal(body.price, "price")
-        elif body.price is not None:
-            raise Problem.invalid("price", "is not allowed for market orders")
-        return quantity, price
+    validate = staticmethod(validate_terms)
 
     async def submit(
         self, body: OrderBody, quantity: Decimal, price: Decimal | None, requested_by: str, *, durable: bool = False
@@ -161,7 +158,9 @@ class OrderDesk:
         """Accept the order (or find the one submitted before with its ``client_order_id``).
         ``durable``: the order is for a ``trading.place_order`` run (route ``workflow``).
 
-        Raises ``NotReplicated`` (with ``ZVT_BUS_WAIT_REPLICAS``) when too few replicas confirmed
+        Raises ``PortfolioNotFound``, ``ClientOrderIdConflict`` (the id was used for other
+        terms), ``EventStoreUnavailable`` (the earlier order has left Redis and cannot be read),
+        and ``NotReplicated`` (with ``ZVT_BUS_WAIT_REPLICAS``) when too few replicas confirmed
         the write in time: the order may exist, and the same request again finds it."""
         keys = self.keys
         p = body.portfolio_id
@@ -192,7 +191,7 @@ class OrderDesk:
         if outcome == 1:
             return Submitted(record, True, event)
         if outcome == 0:
-            raise Problem(404, "portfolio_not_found", f"portfolio {p} does not exist (create it with PUT /v1/portfolios/{p})")
+            raise PortfolioNotFound(p)
         existing = load(OrderRecord, reply[2]) if reply[2] else None
         if existing is None:
             # the client order id outlives a finished order's record (the idempotency window
@@ -202,10 +201,7 @@ class OrderDesk:
             if existing is not None and existing.portfolio_id == p:
                 existing = msgspec.structs.replace(existing, body_hash=record_hash(existing))
         if existing is None or existing.body_hash != digest:
-            raise Problem(
-                409, "client_order_id_conflict",
-                f"client_order_id {body.client_order_id} was already used for a different order",
-            )
+            raise ClientOrderIdConflict(body.client_order_id)
         return Submitted(existing, False)
 
     @staticmethod
@@ -243,7 +239,8 @@ class OrderDesk:
 
     async def archived(self, order_ids: list[str], *, strict: bool = True) -> dict[str, OrderRecord]:
         """Orders rebuilt from their stored events, by id (those the store has a request of).
-        ``strict``: an unavailable event store is a 503; else it has nothing (logged)."""
+        ``strict``: an unavailable event store raises ``EventStoreUnavailable``; else it has
+        nothing (logged)."""
         if not order_ids or self.archive is None:
             return {}
         stored = await self._query(lambda store: store.events_for_orders(order_ids), strict)
@@ -263,16 +260,16 @@ class OrderDesk:
                      ) -> list[StoredEvent]:
         assert self.archive is not None
         try:
-            with outside_deadline():  # the event store has its own timeouts and 503
+            with self.outside():
                 return await query(await self.archive())
         except psycopg.errors.UndefinedTable:
             return []  # nothing recorded yet: the recorder creates the table
         except psycopg.Error as exc:
             log.warning("event store query failed", error=type(exc).__name__)
             if strict:
-                raise Problem(503, "event_store_unavailable", "the event store cannot be queried") from None
+                raise EventStoreUnavailable("the event store cannot be queried") from None
             return []
-        except Problem:
+        except EventStoreUnavailable:
             if strict:
                 raise
             return []
@@ -349,25 +346,3 @@ class OrderDesk:
                 if len(out) >= limit:
                     return True
         return False
-
-
-def order_view(r: OrderRecord) -> OrderView:
-    return OrderView(
-        order_id=r.order_id, client_order_id=r.client_order_id, status=r.status, correlation_id=r.correlation_id,
-        portfolio_id=r.portfolio_id, symbol=r.symbol, side=r.side, type=r.order_type, quantity=r.quantity,
-        price=r.price, time_in_force=r.time_in_force, requested_venue=r.requested_venue, venue=r.venue,
-        filled_quantity=r.filled_quantity, avg_fill_price=r.avg_fill_price, commission=r.commission,
-        commission_asset=r.commission_asset, reject_code=r.reject_code, reject_reason=r.reject_reason,
-        fills=[
-            FillView(
-                fill_id=f.fill_id, quantity=f.quantity, price=f.price, commission=f.commission,
-                commission_asset=f.commission_asset, liquidity=f.liquidity, venue=f.venue, at=f.at,
-            )
-            for f in r.fills
-        ],
-        created_at=r.created_at, updated_at=r.updated_at,
-    )
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -1,0 +1,1 @@
+"""The API's routes, one router a resource; ``create_app`` includes them in this order."""
