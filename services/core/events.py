@@ -183,6 +183,7 @@ class OrderCreated(Payload, OrderTerms, frozen=True, kw_only=True):
 
 
 class ExchangeRouted(Payload, frozen=True, kw_only=True):
+    VERSION = "1.1"
     EVENT_TYPE = EventType.EXCHANGE_ROUTED
     order_id: str
     venue: str
@@ -190,6 +191,11 @@ class ExchangeRouted(Payload, frozen=True, kw_only=True):
     fee_rate: Decimal
     reason: str
     candidates: tuple[VenueQuote, ...] = ()
+    outcome_unknown: bool = False
+    """The order was sent to ``venue`` but the submit's answer was lost and looking it up
+    failed too: the venue may or may not hold it. The order is ``unknown`` until routing's
+    retry of the submit finds it there (another ``exchange.routed``, its fills) or learns it
+    never landed; reconciliation settles one that stays unknown."""
 
 
 class OrderExecuted(Payload, frozen=True, kw_only=True):

@@ -154,6 +154,10 @@ class OrderStage:
                 )
             )
             return msgspec.structs.replace(record, status=S.CREATED, updated_at=at)
+        if isinstance(p, ExchangeRouted) and p.outcome_unknown:
+            if (status, S.UNKNOWN) not in TRANSITIONS:
+                return self._stale(event, record)  # routing's answer (or the fills) got here first
+            return msgspec.structs.replace(record, status=S.UNKNOWN, venue=p.venue, updated_at=at)
         if isinstance(p, ExchangeRouted):
             if (status, S.ROUTED) not in TRANSITIONS:
                 return self._stale(event, record)  # the fills got here first

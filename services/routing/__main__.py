@@ -39,6 +39,7 @@ def build(service: Service) -> None:
         stage = RoutingStage(
             service.redis, StateKeys(keys), Marks(service.redis, keys), venues,
             health=VenueHealth(settings.breaker_cooldown_s), replica_wait=ReplicaWait.of(service.bus_settings),
+            bus=service.bus,
         )
         await stage.start()
         stages.append(stage)

@@ -68,12 +68,13 @@ from services.core.telemetry import consumer_span, get_logger
 from services.trading import OrderType, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.trading.orders import OrderStatus
-from services.trading.routing import NoVenueAvailable, VenueOption, choose_venue
+from services.trading.routing import NoVenueAvailable, RouteDecision, VenueOption, choose_venue
 from services.venues.base import (
     InsufficientFunds,
     OrderNotFound,
     OrderRejected,
     RateLimited,
+    UnknownOutcome,
     Venue,
     VenueOrder,
     VenueOrderRequest,
@@ -162,12 +163,16 @@ class RoutingStage:
         quotes: Quotes | None = None,
         replica_wait: ReplicaWait | None = None,
         follows: bool = True,
+        bus: Bus | None = None,
     ) -> None:
         """``follows``: this process runs ``follow`` (the routing service). The workflows
         worker routes too but does not follow: an order it leaves resting at its in-process
         paper venue is canceled there, and the routing service places the rest again at its own."""
         self.redis = redis
         self.follows = follows
+        self.bus = bus
+        """Where an unknown outcome is told at once (``exchange.routed`` with
+        ``outcome_unknown``), before the event that caused it fails and is retried."""
         self.replica_wait = replica_wait
         self.reader = StateReader(redis)
         self.sk = state_keys
@@ -338,6 +343,11 @@ class RoutingStage:
                 commit.emit(event.derive(_failed(order, code, str(exc), venue.name), STAGE))
                 self._clear_intent(commit, pid, order.order_id, venue)
                 return
+            except UnknownOutcome:
+                # The venue may hold the order and could not say: the order is unknown until a
+                # retry of this event looks it up there (the intent sends it to this venue).
+                await self._tell_unknown(event, decision)
+                raise
             except (VenueUnavailable, RateLimited) as exc:
                 # Not placed: skip this venue (its breaker), route again among the others.
                 self.health.trip(venue.name, exc.retry_after if isinstance(exc, RateLimited) else None)
@@ -432,6 +442,23 @@ class RoutingStage:
         assert placed.status in (VenueOrderStatus.EXPIRED, VenueOrderStatus.CANCELED, VenueOrderStatus.FILLED)
         reason = "canceled at the venue" if placed.status is VenueOrderStatus.CANCELED else EXPIRED
         commit.emit(event.derive(_canceled(order, cumulative, remaining, reason), STAGE, index=index + 1))
+
+    async def _tell_unknown(self, event: Event[OrderCreated], decision: RouteDecision) -> None:
+        """Publish that the order's outcome at ``decision.venue`` is unknown (the order shows
+        ``unknown``). Its id is derived, so every retry that fails the same way publishes the
+        same event, which the order stage takes once; on the stream route whichever path
+        created the order, since the stream's order stage is what shows it."""
+        if self.bus is None:
+            return
+        told = event.derive(
+            ExchangeRouted(
+                order_id=event.payload.order_id, venue=decision.venue, expected_price=decision.expected_price,
+                fee_rate=decision.fee_rate, candidates=decision.quotes(), outcome_unknown=True,
+                reason=f"{decision.reason}; the submit's answer was lost and the lookup failed: outcome unknown",
+            ),
+            f"{STAGE}:unknown",
+        )
+        await self.bus.publish(msgspec.structs.replace(told, route=Route.STREAM))
 
     def _expected_price(self, venue: Venue, order: OrderCreated, mark: Decimal | None) -> Decimal | None:
         """What a fill is expected to cost at this venue: the limit price for a limit order;

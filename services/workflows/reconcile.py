@@ -21,9 +21,9 @@ the order id:
 
 Two things are never taken as "the order is gone":
 
-- an order resting with routing (``resting:<portfolio>``: a GTC limit's remainder, whose IOC
-  leg the venue has finished with) is live: it may get missing fills, never a cancel or a
-  failure;
+- an order routing follows as resting (its shard's ``resting`` hash: a GTC limit working at
+  the venue) is live: it may get missing fills (routing reports the same fills under the same
+  ids), never a cancel or a failure: its end is routing's to report;
 - an in-process venue (paper) lives inside each process, so the worker's paper venue is not
   the one routing placed the order at: it is never asked, and an order whose venue is one
   (or may be one) is left alone (``unverifiable`` in the result).

@@ -42,7 +42,7 @@ class Stages:
         self.portfolio = PortfolioStage(redis, sk, fill_memory_s=orders.fill_memory_s)
         self.venues = list(venues)
         self.routing = RoutingStage(
-            redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings), follows=False
+            redis, sk, marks, self.venues, replica_wait=ReplicaWait.of(bus.settings), follows=False, bus=bus
         )
 
     async def start(self) -> None:

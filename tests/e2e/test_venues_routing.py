@@ -208,3 +208,32 @@ async def test_resting_limit_at_a_sim_venue_when_its_price_moves_through_fills_l
 async def _status_in(read: Any, *wanted: OrderStatus) -> bool:
     r = await read()
     return r is not None and r.status in wanted
+
+
+async def test_submit_when_its_answer_is_lost_and_the_venue_cannot_be_asked_shows_unknown_until_resolved(
+    stack: Stack, venues: Venues
+) -> None:
+    """The venue takes the order and its answer never comes; the lookup fails too (the venue
+    goes down): the order says ``unknown``, not ``created``, while routing retries. Once the
+    venue answers again the retry finds the order there, and it ends once, at that venue."""
+    _start(stack, venues)
+    await seed_portfolio(stack.bus, "pf-u", {"USDT": D("10000000")})
+    venues.control("simc", "/sim/faults", {"kind": "accept_then_timeout", "delay_s": 30})
+    (oid,) = await inject_orders(stack.bus, [OrderSpec("pf-u", "BTC/USDT", Side.BUY, D("0.01"))])
+
+    async def record() -> Any:
+        (r,) = await read_orders(stack.bus, [("pf-u", oid)])
+        return r
+
+    async def held() -> bool:
+        return venues.holders(oid) == ["simc"]
+
+    await eventually(held, timeout=30)
+    venues.control("simc", "/sim/faults", {"kind": "down"})  # the lookup cannot reach it either
+    await eventually(lambda: _status_in(record, OrderStatus.UNKNOWN), timeout=40)
+    unknown = await record()
+    assert unknown.venue == "simc" and not unknown.fills
+    venues.control("simc", "/sim/faults", {"kind": "up"})
+    (done,) = await wait_terminal(stack, [("pf-u", oid)], timeout=90)
+    assert (done.status, done.venue, done.filled_quantity) == (OrderStatus.FILLED, "simc", D("0.01"))
+    assert venues.holders(oid) == ["simc"]  # looked up, never submitted again
