@@ -634,7 +634,17 @@ class RoutingStage:
             return resting.quantity - now.quantity
 
     async def _place_again(self, venue: Venue, resting: RestingOrder) -> tuple[RestingOrder, VenueOrder] | None:
-        """Place what is left of ``resting`` at an in-process venue that no longer knows it."""
+        """Place what is left of ``resting`` at an in-process venue that no longer knows it
+        (as this venue order). A copy it still holds under the client id is an older venue
+        order of this one, from before another process placed it again (this process lost the
+        shard for a while): it is canceled here first, and its fills, never reported, are the
+        paper account's alone."""
+        if isinstance(venue, PaperVenue):
+            try:
+                venue.cancel_now(resting.symbol, client_order_id=resting.order_id)
+            except OrderNotFound:
+                pass
+            venue.forget(resting.order_id)
         request = VenueOrderRequest(
             client_order_id=resting.order_id, symbol=resting.symbol, side=resting.side, order_type=OrderType.LIMIT,
             quantity=resting.leaves_quantity, price=resting.price, time_in_force=TimeInForce.GTC,

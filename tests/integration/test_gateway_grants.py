@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from services.core.bus import Bus
 from services.core.codec import decode_any
@@ -317,7 +317,11 @@ async def test_routes_when_key_lacks_scope_or_grant_answer_403_or_404_never_2xx(
 async def test_route_table_when_compared_with_the_app_and_the_docs_names_every_route(redis_single_url: str) -> None:
     async with world_on(redis_single_url, False) as w:
         app = create_app(w.gw)
-    served = {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+    # every route the app serves, the included routers' too (FastAPI keeps those as included
+    # routers, not copies, in ``app.routes``)
+    served = {
+        (m, c.path) for c in iter_route_contexts(app.routes) if isinstance(c.original_route, APIRoute) for m in c.methods
+    }
     table = {(r.method, r.path) for r in ROUTE_SCOPES}
     assert served == table
     # docs/api.md mirrors the table: one row per route, `METHOD path` | scope | grant
