@@ -8,7 +8,7 @@ import json
 import msgspec
 import pytest
 
-from services.core.hotstate import OrderRecord, load
+from services.core.hotstate import load
 from services.gateway.models import (
     ApiKeyBody,
     OrderBody,
@@ -19,7 +19,7 @@ from services.gateway.models import (
     order_view,
 )
 from services.gateway.problems import FieldError, Problem, problem_response
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 
 ORDER = {"client_order_id": "c-1", "portfolio_id": "pf-1", "symbol": "BTC/USDT", "side": "buy", "type": "limit",
          "quantity": "0.5", "price": "100", "venue": "paper"}
@@ -105,7 +105,7 @@ REJECTED_JSON = (
 
 
 def test_order_view_when_encoded_is_byte_for_byte_the_public_contract() -> None:
-    stored = load(OrderRecord, STORED_ORDER)
+    stored = load(Order, STORED_ORDER)
     assert msgspec.json.encode(order_view(stored)) == ORDER_JSON
     rejected = msgspec.structs.replace(
         stored, status=OrderStatus.REJECTED, fills=(), reject_code="MAX_NOTIONAL", reject_reason="too big", venue=None,
