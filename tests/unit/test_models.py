@@ -20,6 +20,7 @@ from services.gateway.models import (
 )
 from services.gateway.problems import FieldError, Problem, problem_response
 from services.trading.orders import Order, OrderStatus
+from tests.unit.trading.test_orders import STORED_AT_DB5E190
 
 ORDER = {"client_order_id": "c-1", "portfolio_id": "pf-1", "symbol": "BTC/USDT", "side": "buy", "type": "limit",
          "quantity": "0.5", "price": "100", "venue": "paper"}
@@ -70,22 +71,6 @@ def test_problem_response_when_text_has_a_lone_surrogate_still_answers_the_probl
     assert r.status_code == 422 and body["code"] == "validation_error" and body["errors"][0]["field"] == "f\\udc00"
 
 
-STORED_ORDER = bytes.fromhex(
-    "de001aa86f726465725f6964a36f2d31af636c69656e745f6f726465725f6964a3632d31ac706f7274666f6c696f5f69"
-    "64a470662d31ae636f7272656c6174696f6e5f6964a36f2d31a673796d626f6ca84254432f55534454a473696465a362"
-    "7579aa6f726465725f74797065a56c696d6974a87175616e74697479a3312e35a57072696365a836303030302e3130ad"
-    "74696d655f696e5f666f726365a3696f63af7265717565737465645f76656e7565a57061706572a6737461747573b070"
-    "61727469616c6c795f66696c6c6564aa637265617465645f6174d6ff69a42a40aa757064617465645f6174d6ff69a42a"
-    "42a576656e7565a57061706572af66696c6c65645f7175616e74697479a3302e35ae6176675f66696c6c5f7072696365"
-    "a53630303030aa636f6d6d697373696f6ea4302e3235b0636f6d6d697373696f6e5f6173736574a455534454ad66696c"
-    "6c5f6e6f74696f6e616ca733303030302e30ab72656a6563745f636f6465c0ad72656a6563745f726561736f6ec0a566"
-    "696c6c739189a766696c6c5f6964ac6f2d313a70617065723a6631a87175616e74697479a3302e35a57072696365a536"
-    "30303030aa636f6d6d697373696f6ea4302e3235b0636f6d6d697373696f6e5f6173736574a455534454a96c69717569"
-    "64697479a574616b6572a576656e7565a57061706572a26174d6ff69a42a42ad76656e75655f66696c6c5f6964a26631"
-    "a9626f64795f68617368a3616263a5726f757465a8776f726b666c6f77ac7265717565737465645f6279a56b65792d31"
-)
-"""A partially filled order as the order stage stores it in Redis."""
-
 ORDER_JSON = (
     b'{"order_id":"o-1","client_order_id":"c-1","status":"partially_filled","correlation_id":"o-1","portfo'
     b'lio_id":"pf-1","symbol":"BTC/USDT","side":"buy","type":"limit","quantity":"1.5","price":"60000.10","'
@@ -105,7 +90,7 @@ REJECTED_JSON = (
 
 
 def test_order_view_when_encoded_is_byte_for_byte_the_public_contract() -> None:
-    stored = load(Order, STORED_ORDER)
+    stored = load(Order, STORED_AT_DB5E190)  # a partially filled order, as Redis holds it
     assert msgspec.json.encode(order_view(stored)) == ORDER_JSON
     rejected = msgspec.structs.replace(
         stored, status=OrderStatus.REJECTED, fills=(), reject_code="MAX_NOTIONAL", reject_reason="too big", venue=None,
