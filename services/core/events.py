@@ -16,14 +16,25 @@ import hashlib
 import os
 import time
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
-from services.trading import Liquidity, OrderTerms, OrderType, Side, TimeInForce, TradingState, VenueQuote
+from services.trading import (
+    Liquidity,
+    OrderTerms,
+    OrderType,
+    Route,
+    Side,
+    TimeInForce,
+    TradingState,
+    UtcDatetime,
+    VenueQuote,
+)
 
 # The vocabulary (sides, order types, ...) and the order's terms live in ``services.trading``,
-# the ground floor; the payloads here are built from them. Import them from there.
+# the ground floor; the payloads here are built from them. Import them from there (``Route``
+# and ``UtcDatetime`` stay re-exported here: the envelope names them).
 
 __all__ = [
     "CATALOG",
@@ -51,6 +62,7 @@ __all__ = [
     "RiskBreached",
     "Route",
     "TradeTick",
+    "UtcDatetime",
     "WorkflowCompleted",
     "WorkflowFailed",
     "WorkflowStarted",
@@ -82,16 +94,6 @@ class EventType(enum.StrEnum):
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_COMPLETED = "workflow.completed"
     WORKFLOW_FAILED = "workflow.failed"
-
-
-class Route(enum.StrEnum):
-    """Which path drives an event: stream stages act only on ``stream`` events."""
-
-    STREAM = "stream"
-    WORKFLOW = "workflow"
-
-
-UtcDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
 
 def utcnow() -> dt.datetime:

@@ -7,9 +7,10 @@ output events and its ack in one script. One owner writes each record:
 ============================  ===================  =============================================
 key (shard k of portfolio p)  owner                what
 ============================  ===================  =============================================
-``order:<order_id>``          gateway creates,     ``OrderRecord``: status, fills, reject reason;
-                              order service after  expires ``ZVT_ORDER_TERMINAL_RETENTION_S``
-                                                   after it reaches a terminal status
+``order:<order_id>``          gateway creates,     ``Order`` (``services.trading``) as it is:
+                              order service after  status, fills, reject reason; expires
+                                                   ``ZVT_ORDER_TERMINAL_RETENTION_S`` after it
+                                                   reaches a terminal status
 ``open-orders``               order service        sorted set of the shard's open order ids (from
                                                    ``created`` to terminal) by creation time (ms)
 ``coid:<p>:<client_order_id>`` gateway             the order id a client order id was given
@@ -56,23 +57,23 @@ from services.core.events import (
     UtcDatetime,
 )
 from services.core.keys import Keys
-from services.trading import OrderType, Side, TimeInForce, TradingState
+from services.trading import OrderTerms, OrderType, Side, TimeInForce, TradingState
 from services.trading.funds import Hold
 from services.trading.money import ZERO
-from services.trading.orders import TERMINAL, Order, OrderStatus
+from services.trading.orders import Order
+from services.trading.terms import carry
 from services.trading.positions import Position
 from services.trading.risk import RiskLimits
 
 __all__ = [
     "DEFAULT_LIMITS",
-    "Fill",
-    "OrderRecord",
     "PortfolioRecord",
     "PositionRecord",
     "RestingOrder",
     "RiskRecord",
     "StateKeys",
     "StateReader",
+    "order_requested",
     "pairs",
     "requested_order",
     "decode_balances",
@@ -81,93 +82,6 @@ __all__ = [
     "new_order_id",
     "shard_of_order_id",
 ]
-
-
-class Fill(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    fill_id: str
-    quantity: Decimal
-    price: Decimal
-    commission: Decimal
-    commission_asset: str
-    liquidity: str
-    venue: str
-    at: UtcDatetime
-    venue_fill_id: str | None = None
-    """The venue's own id of the execution (``OrderExecuted.venue_fill_id``), which
-    ``orders.reconcile`` matches the venue's fills on; ``None`` in records written before."""
-
-
-class OrderRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """An order as the platform knows it; the order service moves it through the state machine
-    of ``services.trading.orders``."""
-
-    order_id: str
-    client_order_id: str
-    portfolio_id: str
-    correlation_id: str
-    symbol: str
-    side: Side
-    order_type: OrderType
-    quantity: Decimal
-    price: Decimal | None = None
-    time_in_force: TimeInForce = TimeInForce.GTC
-    requested_venue: str | None = None
-    status: OrderStatus = OrderStatus.REQUESTED
-    created_at: UtcDatetime
-    updated_at: UtcDatetime
-    venue: str | None = None
-    filled_quantity: Decimal = ZERO
-    avg_fill_price: Decimal | None = None
-    commission: Decimal = ZERO
-    commission_asset: str | None = None
-    fill_notional: Decimal = ZERO
-    reject_code: str | None = None
-    reject_reason: str | None = None
-    fills: tuple[Fill, ...] = ()
-    body_hash: str = ""
-    route: Route = Route.STREAM
-    requested_by: str | None = None
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    def to_order(self) -> Order:
-        return Order(
-            order_id=self.order_id,
-            client_order_id=self.client_order_id,
-            portfolio_id=self.portfolio_id,
-            symbol=self.symbol,
-            side=self.side,
-            order_type=self.order_type,
-            quantity=self.quantity,
-            price=self.price,
-            time_in_force=self.time_in_force,
-            status=self.status,
-            updated_at=self.updated_at,
-            filled_quantity=self.filled_quantity,
-            avg_fill_price=self.avg_fill_price,
-            commission=self.commission,
-            reject_reason=self.reject_reason,
-            fill_ids=frozenset(f.fill_id for f in self.fills),
-            venue=self.venue,
-            fill_notional=self.fill_notional,
-        )
-
-    def with_order(self, order: Order, **changes: Any) -> OrderRecord:
-        """This record after the domain moved its order to ``order`` (plus ``changes``)."""
-        fields: dict[str, Any] = {
-            "status": order.status,
-            "updated_at": order.updated_at,
-            "venue": order.venue,
-            "filled_quantity": order.filled_quantity,
-            "avg_fill_price": order.avg_fill_price,
-            "commission": order.commission,
-            "fill_notional": order.fill_notional,
-            "reject_reason": order.reject_reason,
-        }
-        fields.update(changes)
-        return msgspec.structs.replace(self, **fields)
 
 
 class LimitsRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -332,24 +246,28 @@ def requested_order(
     body_hash: str = "",
     route: Route = Route.STREAM,
     event_id: str | None = None,
-) -> tuple[OrderRecord, Event[Any]]:
+) -> tuple[Order, Event[Any]]:
     """A new order as the platform takes it in: its first record and its ``order.requested``
     (correlated by the order id), written together by whoever accepts it. ``route``: which
     path drives it (``workflow``: a ``trading.place_order`` run)."""
-    record = OrderRecord(
-        order_id=order_id, client_order_id=client_order_id, portfolio_id=portfolio_id, correlation_id=order_id,
-        symbol=symbol, side=side, order_type=order_type, quantity=quantity, price=price,
-        time_in_force=time_in_force, requested_venue=venue, created_at=at, updated_at=at,
-        body_hash=body_hash, requested_by=requested_by,
+    terms = OrderTerms(
+        order_id=order_id, client_order_id=client_order_id, symbol=symbol, side=side, order_type=order_type,
+        quantity=quantity, price=price, time_in_force=time_in_force, venue=venue,
     )
-    event = Event.new(
-        OrderRequested(
-            order_id=order_id, client_order_id=client_order_id, symbol=symbol, side=side, order_type=order_type,
-            quantity=quantity, price=price, time_in_force=time_in_force, venue=venue, requested_by=requested_by,
-        ),
-        portfolio_id=portfolio_id, correlation_id=order_id, occurred_at=at, route=route, event_id=event_id,
+    order = Order.requested(
+        terms, portfolio_id=portfolio_id, at=at, requested_by=requested_by, body_hash=body_hash, route=route
     )
-    return record, event
+    return order, order_requested(order, route=route, event_id=event_id)
+
+
+def order_requested(order: Order, *, route: Route, event_id: str | None = None) -> Event[Any]:
+    """The ``order.requested`` of ``order``, made from the order itself (the same event again,
+    given the same ``event_id``)."""
+    return Event.new(
+        carry(order.terms, OrderRequested, requested_by=order.requested_by),
+        portfolio_id=order.portfolio_id, correlation_id=order.correlation_id, occurred_at=order.created_at,
+        route=route, event_id=event_id,
+    )
 
 
 _last_ms = 0

@@ -20,7 +20,6 @@ from services.core.events import EventType, utcnow
 from services.core.hotstate import (
     DEFAULT_LIMITS,
     LimitsRecord,
-    OrderRecord,
     PortfolioRecord,
     StateKeys,
     dump,
@@ -28,7 +27,7 @@ from services.core.hotstate import (
     new_order_id,
     requested_order,
 )
-from services.trading import OrderType, Side, TimeInForce, TradingState
+from services.trading import Order, OrderType, Side, TimeInForce, TradingState
 
 __all__ = ["OrderSpec", "inject_orders", "read_orders", "seed_portfolio"]
 
@@ -85,10 +84,10 @@ async def inject_orders(bus: Bus, specs: Sequence[OrderSpec], *, at: dt.datetime
     return ids
 
 
-async def read_orders(bus: Bus, refs: Sequence[tuple[str, str]]) -> list[OrderRecord | None]:
+async def read_orders(bus: Bus, refs: Sequence[tuple[str, str]]) -> list[Order | None]:
     """The records of ``(portfolio_id, order_id)`` pairs."""
     sk = StateKeys(bus.keys)
     pipe: Any = bus.redis.pipeline(transaction=False)
     for pid, oid in refs:
         pipe.get(sk.order(pid, oid))
-    return [load(OrderRecord, v) if v else None for v in await pipe.execute()]
+    return [load(Order, v) if v else None for v in await pipe.execute()]

@@ -11,13 +11,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from services.core.hotstate import OrderRecord
 from services.gateway.problems import FieldError, Problem, ProblemBody, problem_of
 from services.intake import terms
 from services.intake.errors import InvalidOrder
 from services.intake.terms import DECIMAL, ID, SYMBOL, DecimalString, Id, OrderBody, Symbol, exact
 from services.trading import OrderType, Side, TimeInForce, TradingState
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 
 __all__ = [
     "ApiKeyBody",
@@ -235,7 +234,7 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True):
     checks: dict[str, bool]
 
 
-def order_view(r: OrderRecord) -> OrderView:
+def order_view(r: Order) -> OrderView:
     """An order record as the API shows it."""
     return OrderView(
         order_id=r.order_id, client_order_id=r.client_order_id, status=r.status, correlation_id=r.correlation_id,

@@ -19,10 +19,10 @@ import msgspec
 from redis.exceptions import RedisError
 
 from services.core.events import EventType
-from services.core.hotstate import OrderRecord
 from services.core.keys import Keys
 from services.core.redisconn import AnyRedis
 from services.core.telemetry import get_logger
+from services.trading import Order
 
 __all__ = ["TERMINAL_EVENTS", "Waiters"]
 
@@ -52,7 +52,7 @@ class Waiters:
         cluster: bool,
         block_ms: int,
         poll_s: float,
-        load: Callable[[str], Awaitable[OrderRecord | None]],
+        load: Callable[[str], Awaitable[Order | None]],
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -69,7 +69,7 @@ class Waiters:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def wait(self, order_id: str, record_key: str, timeout: float) -> OrderRecord | None:
+    async def wait(self, order_id: str, record_key: str, timeout: float) -> Order | None:
         """The order's record once terminal, or as it is when ``timeout`` runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

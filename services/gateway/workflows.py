@@ -7,11 +7,11 @@ from typing import Any
 from services.core.bus import Bus
 from services.core.codec import encode
 from services.core.events import Event
-from services.core.hotstate import OrderRecord
 from services.gateway.deadline import outside_deadline
 from services.workflows.client import hatchet_client
 from services.workflows.contracts import PLACE_ORDER, REBALANCE, PlaceOrderInput, RebalanceInput
 from services.workflows.runs import RETENTION_S, RunStore
+from services.trading import Order
 from services.workflows.settings import HatchetSettings
 
 __all__ = ["WorkflowDesk"]
@@ -29,15 +29,15 @@ class WorkflowDesk:
             self._place_order = hatchet.workflow(name=PLACE_ORDER, input_validator=PlaceOrderInput)
             self._rebalance: Any = hatchet.workflow(name=REBALANCE, input_validator=RebalanceInput)
 
-    def _order_run_key(self, record: OrderRecord) -> str:
+    def _order_run_key(self, record: Order) -> str:
         keys = self.bus.keys
         return keys.state(keys.shard_of(record.portfolio_id), "wforder", record.order_id)
 
-    async def run_of_order(self, record: OrderRecord) -> str | None:
+    async def run_of_order(self, record: Order) -> str | None:
         run_id: Any = await self.bus.redis.get(self._order_run_key(record))
         return run_id.decode() if isinstance(run_id, bytes) else run_id
 
-    async def start_order(self, record: OrderRecord, event: Event[Any], *, faults: dict[str, int] | None = None) -> str:
+    async def start_order(self, record: Order, event: Event[Any], *, faults: dict[str, int] | None = None) -> str:
         """Start ``trading.place_order`` for an accepted durable order; its run id.
         ``faults``: tests only (a worker honours them only with faults enabled)."""
         existing = await self.run_of_order(record)

@@ -34,11 +34,11 @@ from services.core.redisconn import ScriptBatcher
 from services.core.replication import ReplicaWait, ReplicatedScriptBatcher
 from services.core.telemetry import get_logger
 from services.core.hotstate import (
-    OrderRecord,
     StateKeys,
     dump,
     load,
     new_order_id,
+    order_requested,
     requested_order,
     shard_of_order_id,
 )
@@ -48,7 +48,7 @@ from services.intake.terms import OrderBody
 from services.intake.terms import validate as validate_terms
 from services.order.stage import rebuild_order
 from services.recorder.store import EventStore, StoredEvent
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 
 log = get_logger("zvt.intake")
 
@@ -85,7 +85,7 @@ return {1}
 
 
 class Submitted(msgspec.Struct, frozen=True):
-    record: OrderRecord
+    record: Order
     created: bool
     event: Event[Any] | None = None  # the order.requested written, when created
 
@@ -105,7 +105,7 @@ def body_hash(body: OrderBody, quantity: Decimal, price: Decimal | None, durable
     )
 
 
-def record_hash(record: OrderRecord) -> str:
+def record_hash(record: Order) -> str:
     """``body_hash`` of the submission that made ``record`` (for a record rebuilt from the
     event store, which does not keep it)."""
     return _hash(
@@ -192,7 +192,7 @@ class OrderDesk:
             return Submitted(record, True, event)
         if outcome == 0:
             raise PortfolioNotFound(p)
-        existing = load(OrderRecord, reply[2]) if reply[2] else None
+        existing = load(Order, reply[2]) if reply[2] else None
         if existing is None:
             # the client order id outlives a finished order's record (the idempotency window
             # is longer than the retention): the order is in the event store
@@ -205,16 +205,9 @@ class OrderDesk:
         return Submitted(existing, False)
 
     @staticmethod
-    def durable_request(record: OrderRecord) -> Event[Any]:
+    def durable_request(record: Order) -> Event[Any]:
         """The ``order.requested`` of a durable order, rebuilt from its record (same id)."""
-        _, event = requested_order(
-            order_id=record.order_id, portfolio_id=record.portfolio_id, client_order_id=record.client_order_id,
-            symbol=record.symbol, side=record.side, order_type=record.order_type, quantity=record.quantity,
-            price=record.price, time_in_force=record.time_in_force, venue=record.requested_venue,
-            at=record.created_at, requested_by=record.requested_by, body_hash=record.body_hash,
-            route=Route.WORKFLOW, event_id=derive_event_id(record.order_id, DURABLE_REQUEST),
-        )
-        return event
+        return order_requested(record, route=Route.WORKFLOW, event_id=derive_event_id(record.order_id, DURABLE_REQUEST))
 
     def record_key(self, order_id: str) -> str | None:
         shard = shard_of_order_id(order_id)
@@ -222,11 +215,11 @@ class OrderDesk:
             return None
         return self.state.order_in_shard(shard, order_id)
 
-    async def get(self, order_id: str) -> OrderRecord | None:
+    async def get(self, order_id: str) -> Order | None:
         """The order: its live record, or rebuilt from the event store once it left Redis."""
         return (await self.find(order_id))[0]
 
-    async def find(self, order_id: str) -> tuple[OrderRecord | None, bool]:
+    async def find(self, order_id: str) -> tuple[Order | None, bool]:
         """(the order, whether that is its live record). Only a finished order leaves Redis,
         so one that comes from the event store is over whatever its events say."""
         key = self.record_key(order_id)
@@ -237,7 +230,7 @@ class OrderDesk:
             return record, True
         return (await self.archived([order_id])).get(order_id), False
 
-    async def archived(self, order_ids: list[str], *, strict: bool = True) -> dict[str, OrderRecord]:
+    async def archived(self, order_ids: list[str], *, strict: bool = True) -> dict[str, Order]:
         """Orders rebuilt from their stored events, by id (those the store has a request of).
         ``strict``: an unavailable event store raises ``EventStoreUnavailable``; else it has
         nothing (logged)."""
@@ -249,9 +242,9 @@ class OrderDesk:
             oid = getattr(s.event.payload, "order_id", None)
             if oid is not None:
                 by_order.setdefault(oid, []).append(s.event)
-        out: dict[str, OrderRecord] = {}
+        out: dict[str, Order] = {}
         for oid, events in by_order.items():
-            record = rebuild_order(events, self.keys)
+            record = rebuild_order(events)
             if record is not None:
                 out[oid] = record
         return out
@@ -274,11 +267,11 @@ class OrderDesk:
                 raise
             return []
 
-    async def load(self, key: str) -> OrderRecord | None:
+    async def load(self, key: str) -> Order | None:
         raw: Any = await self.redis.get(key)
-        return load(OrderRecord, raw) if raw else None
+        return load(Order, raw) if raw else None
 
-    async def request_cancel(self, record: OrderRecord, requested_by: str) -> None:
+    async def request_cancel(self, record: Order, requested_by: str) -> None:
         event = Event.new(
             OrderCancelRequested(
                 order_id=record.order_id, client_order_id=record.client_order_id, requested_by=requested_by
@@ -287,14 +280,14 @@ class OrderDesk:
         )
         await self.bus.publish(event)
 
-    async def recent(self, portfolio_id: str, status: OrderStatus | None, limit: int) -> list[OrderRecord]:
+    async def recent(self, portfolio_id: str, status: OrderStatus | None, limit: int) -> list[Order]:
         """Newest first; with a status filter, pages through the index until ``limit`` match.
         Past the index (or for an entry whose record has expired) it goes on in the event store:
         the portfolio's requests, newest first, each order live if Redis still has it, else
         rebuilt (``ARCHIVE_SCAN_MAX`` requests at most). An unavailable event store leaves
         those out (logged) rather than failing the listing."""
         index = self.state.orders(portfolio_id)
-        out: list[OrderRecord] = []
+        out: list[Order] = []
         seen: set[str] = set()
         start = 0
         page = limit if status is None else max(100, limit)
@@ -323,21 +316,21 @@ class OrderDesk:
                 break
         return out
 
-    async def _records(self, portfolio_id: str, ids: list[str]) -> list[OrderRecord | None]:
+    async def _records(self, portfolio_id: str, ids: list[str]) -> list[Order | None]:
         """The orders ``ids`` of a portfolio, in that order: live, else from the event store."""
         if not ids:
             return []
         raws: Any = await self.redis.mget([self.state.order(portfolio_id, i) for i in ids])
         gone = [i for i, raw in zip(ids, raws, strict=True) if not raw]
         archived = await self.archived(gone, strict=False) if gone else {}
-        out: list[OrderRecord | None] = []
+        out: list[Order | None] = []
         for i, raw in zip(ids, raws, strict=True):
-            rec = load(OrderRecord, raw) if raw else archived.get(i)
+            rec = load(Order, raw) if raw else archived.get(i)
             out.append(rec if rec is not None and rec.portfolio_id == portfolio_id else None)
         return out
 
     @staticmethod
-    def _collect(out: list[OrderRecord], records: list[OrderRecord | None], status: OrderStatus | None,
+    def _collect(out: list[Order], records: list[Order | None], status: OrderStatus | None,
                  limit: int) -> bool:
         """Add the records that match to ``out``; whether it is full."""
         for rec in records:

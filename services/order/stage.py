@@ -2,13 +2,16 @@
 
 Consumes what risk decided (``order.validated``, ``order.rejected``) and what the venue did
 (``exchange.routed``, ``order.executed``, ``order.failed``, ``order.canceled``), moves each
-order through the state machine of ``services.trading.orders`` and writes its
-``OrderRecord``. Emits ``order.created`` for a validated order, which routing acts on.
+order by the event's own method on ``services.trading.Order`` (which checks the state
+machine's one table) and writes the order as it is. Emits ``order.created`` for a validated
+order, which routing acts on.
 
 Events of one order travel on different streams (routing emits ``exchange.routed`` and the
 fills together), so they can arrive in either order: a fill may come before the routing
 acknowledgement, which then changes nothing. An event that no longer applies (a second
-cancel, a late routing acknowledgement) is logged and dropped, never applied twice.
+cancel, a late routing acknowledgement, a fill counted already) is logged and dropped, never
+applied twice. A new fill on an order no venue can hold (finished, say) is a disagreement with
+the venue: it is dead-lettered for an operator and reconciliation.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import msgspec
 
 from services.core.bus import Commit, PermanentError
 from services.core.events import (
@@ -33,10 +34,10 @@ from services.core.events import (
     OrderValidated,
     utcnow,
 )
-from services.core.hotstate import Fill, OrderRecord, StateKeys, StateReader, dump, load, requested_order
-from services.core.keys import Keys
+from services.core.hotstate import StateKeys, StateReader, dump, load
 from services.core.telemetry import consumer_span, get_logger
-from services.trading.orders import TRANSITIONS, InvalidTransition, OrderStatus
+from services.trading.orders import Fill, InvalidTransition, Order, OrderStatus
+from services.trading.terms import carry
 
 __all__ = ["EXPIRED_REASON", "GROUP", "HANDLED", "OrderStage", "rebuild_order"]
 
@@ -59,8 +60,6 @@ HANDLED = (
 )
 
 S = OrderStatus
-# A validated order is created at once: both moves must stay in the state machine's table.
-assert {(S.REQUESTED, S.VALIDATED), (S.VALIDATED, S.CREATED)} <= TRANSITIONS
 
 
 class OrderStage:
@@ -76,10 +75,10 @@ class OrderStage:
         self.clock = clock
         self.retention_s = terminal_retention_s
 
-    async def load(self, keys: list[str]) -> dict[str, OrderRecord]:
+    async def load(self, keys: list[str]) -> dict[str, Order]:
         """The records behind these keys (one script call: a batch is one slot on a cluster)."""
         values = await self.reader.read([("GET", key) for key in keys])
-        return {k: load(OrderRecord, v) for k, v in zip(keys, values, strict=True) if v}
+        return {k: load(Order, v) for k, v in zip(keys, values, strict=True) if v}
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         keyed = [(self.sk.order(e.portfolio_id, e.payload.order_id), e, c) for e, c in items]
@@ -102,7 +101,7 @@ class OrderStage:
                     records[key] = updated
                     self.write(commit, key, record, updated)
 
-    def write(self, commit: Commit, key: str, before: OrderRecord, after: OrderRecord) -> None:
+    def write(self, commit: Commit, key: str, before: Order, after: Order) -> None:
         """The record's new state, with the shard's open-order index and, for an order that
         has just ended, its expiry and the trim of the portfolio's orders index (one commit)."""
         oid = after.order_id
@@ -119,91 +118,24 @@ class OrderStage:
         if after.status is S.CREATED and before.status is not S.CREATED:
             commit.write("ZADD", open_index, int(after.created_at.timestamp() * 1000), oid)
 
-    def apply(self, event: Event[Any], record: OrderRecord, commit: Commit) -> OrderRecord:
+    def apply(self, event: Event[Any], record: Order, commit: Commit) -> Order:
         """The record after ``event``; emits what the order does next."""
         p = event.payload
-        at = self.clock()
-        status = record.status
-        # Status moves straight on the record, checked against the state machine's one table
-        # (a rejected request may not even make a valid ``Order``: risk is where a negative
-        # price is caught). Fills go through ``Order.apply_fill`` for the arithmetic.
-        if isinstance(p, OrderRejected):
-            if (status, S.REJECTED) not in TRANSITIONS:
-                return self._stale(event, record)
-            return msgspec.structs.replace(
-                record, status=S.REJECTED, reject_code=p.reason_code, reject_reason=p.reason, updated_at=at
-            )
-        if isinstance(p, OrderValidated):
-            if status is not S.REQUESTED:
-                return self._stale(event, record)
-            commit.emit(
-                event.derive(
-                    OrderCreated(
-                        order_id=p.order_id,
-                        client_order_id=p.client_order_id,
-                        symbol=p.symbol,
-                        side=p.side,
-                        order_type=p.order_type,
-                        quantity=p.quantity,
-                        price=p.price,
-                        time_in_force=p.time_in_force,
-                        venue=p.venue,
-                        price_cap=p.price_cap,
-                    ),
-                    STAGE,
-                )
-            )
-            return msgspec.structs.replace(record, status=S.CREATED, updated_at=at)
-        if isinstance(p, ExchangeRouted) and p.outcome_unknown:
-            if (status, S.UNKNOWN) not in TRANSITIONS:
-                return self._stale(event, record)  # routing's answer (or the fills) got here first
-            return msgspec.structs.replace(record, status=S.UNKNOWN, venue=p.venue, updated_at=at)
-        if isinstance(p, ExchangeRouted):
-            if (status, S.ROUTED) not in TRANSITIONS:
-                return self._stale(event, record)  # the fills got here first
-            return msgspec.structs.replace(record, status=S.ROUTED, venue=p.venue, updated_at=at)
-        if isinstance(p, OrderFailed):
-            if (status, S.FAILED) not in TRANSITIONS:
-                return self._stale(event, record)
-            return msgspec.structs.replace(
-                record, status=S.FAILED, reject_code=p.reason_code, reject_reason=p.reason, updated_at=at
-            )
-        if isinstance(p, OrderCanceled):
-            target = S.EXPIRED if p.reason == EXPIRED_REASON else S.CANCELED
-            if (status, target) not in TRANSITIONS:
-                return self._stale(event, record)
-            return msgspec.structs.replace(record, status=target, reject_reason=p.reason, updated_at=at)
-        if isinstance(p, OrderExecuted):
-            if any(
-                f.fill_id == p.fill_id
-                or (p.venue_fill_id is not None and (f.venue, f.venue_fill_id) == (p.venue, p.venue_fill_id))
-                for f in record.fills
-            ):
-                return self._stale(event, record)  # this venue fill is counted already
-            order = record.to_order()
-            try:
-                filled = order.apply_fill(p.fill_id, p.quantity, p.price, p.commission, at)
-            except InvalidTransition as exc:
-                # A fill on a finished order: the venue and the platform disagree. Keep the
-                # event (dead-lettered, with the reason) for an operator and reconciliation.
+        try:
+            updated = applied(event, record, self.clock())
+        except InvalidTransition as exc:
+            if isinstance(p, OrderExecuted):
+                # A fill on an order no venue holds: the venue and the platform disagree. Keep
+                # the event (dead-lettered, with the reason) for an operator and reconciliation.
                 raise PermanentError(str(exc)) from exc
-            fill = Fill(
-                fill_id=p.fill_id,
-                quantity=p.quantity,
-                price=p.price,
-                commission=p.commission,
-                commission_asset=p.commission_asset,
-                liquidity=str(p.liquidity),
-                venue=p.venue,
-                at=event.occurred_at,
-                venue_fill_id=p.venue_fill_id,
-            )
-            return record.with_order(
-                filled, fills=(*record.fills, fill), commission_asset=p.commission_asset, venue=record.venue or p.venue
-            )
-        raise PermanentError(f"order stage does not handle {event.event_type}")
+            return self._stale(event, record)
+        if updated is record:
+            return self._stale(event, record)  # this venue fill is counted already
+        if isinstance(p, OrderValidated):
+            commit.emit(event.derive(carry(p, OrderCreated, price_cap=p.price_cap), STAGE))
+        return updated
 
-    def _stale(self, event: Event[Any], record: OrderRecord) -> OrderRecord:
+    def _stale(self, event: Event[Any], record: Order) -> Order:
         log.info(
             "event no longer applies", event_type=str(event.event_type), order_id=record.order_id,
             status=str(record.status),
@@ -211,32 +143,54 @@ class OrderStage:
         return record
 
 
-def rebuild_order(events: Iterable[Event[Any]], keys: Keys) -> OrderRecord | None:
-    """An order's record rebuilt from its stored events (its ``order.requested``, then what the
-    order stage handles, in stored order) by the stage's own ``apply``: what the API serves
-    once the live record has left Redis. ``None`` without the request. The record's
-    ``updated_at`` is the time of the last event that changed it (the live record has the time
-    the stage handled it, a little later); ``body_hash`` is not rebuilt."""
-    record: OrderRecord | None = None
-    now = [utcnow()]
-    stage = OrderStage(None, StateKeys(keys), clock=lambda: now[0])
+def applied(event: Event[Any], order: Order, at: dt.datetime) -> Order:
+    """``order`` after ``event``, by the event's own method (``InvalidTransition`` where the
+    state machine's table refuses the move); ``at``: the time of the change."""
+    p = event.payload
+    if isinstance(p, OrderValidated):
+        return order.validated_and_created(at)
+    if isinstance(p, OrderRejected):
+        return order.rejected(p.reason_code, p.reason, at)
+    if isinstance(p, ExchangeRouted):
+        if p.outcome_unknown:
+            return order.outcome_unknown(p.venue, at)  # refused where the answer got here first
+        return order.routed(p.venue, at)  # refused where the fills got here first
+    if isinstance(p, OrderFailed):
+        return order.failed(p.reason_code, p.reason, at)
+    if isinstance(p, OrderCanceled):
+        if p.reason == EXPIRED_REASON:
+            return order.expired(p.reason, at)
+        return order.canceled(p.reason, at)
+    if isinstance(p, OrderExecuted):
+        fill = Fill(
+            fill_id=p.fill_id, quantity=p.quantity, price=p.price, commission=p.commission,
+            commission_asset=p.commission_asset, liquidity=str(p.liquidity), venue=p.venue, at=event.occurred_at,
+            venue_fill_id=p.venue_fill_id,
+        )
+        return order.filled(fill, at)
+    raise PermanentError(f"order stage does not handle {event.event_type}")
+
+
+def rebuild_order(events: Iterable[Event[Any]]) -> Order | None:
+    """An order rebuilt from its stored events (its ``order.requested``, then what the order
+    stage handles, in stored order) by the stage's own ``applied``: what the API serves once
+    the live record has left Redis. ``None`` without the request. Its ``updated_at`` is the
+    time of the last event that changed it (the live record has the time the stage handled
+    it, a little later); ``body_hash`` is not rebuilt."""
+    order: Order | None = None
     for event in events:
         p = event.payload
         if isinstance(p, OrderRequested):
-            if record is None:
-                record, _ = requested_order(
-                    order_id=p.order_id, portfolio_id=event.portfolio_id, client_order_id=p.client_order_id,
-                    symbol=p.symbol, side=p.side, order_type=p.order_type, quantity=p.quantity, price=p.price,
-                    time_in_force=p.time_in_force, venue=p.venue, at=event.occurred_at,
-                    requested_by=p.requested_by, route=event.route, event_id=event.event_id,
+            if order is None:
+                order = Order.requested(
+                    p, portfolio_id=event.portfolio_id, at=event.occurred_at, requested_by=p.requested_by,
+                    route=event.route,
                 )
-                record = msgspec.structs.replace(record, route=event.route)
             continue
-        if record is None or event.event_type not in HANDLED:
+        if order is None or event.event_type not in HANDLED:
             continue
-        now[0] = event.occurred_at
         try:
-            record = stage.apply(event, record, Commit(keys, keys.shard_of(event.portfolio_id)))
-        except PermanentError:
-            continue  # the live stage dead-lettered it too
-    return record
+            order = applied(event, order, event.occurred_at)
+        except (InvalidTransition, PermanentError):
+            continue  # the live stage dropped it, or dead-lettered it
+    return order

@@ -40,7 +40,6 @@ from services.core.events import (
     utcnow,
 )
 from services.core.hotstate import (
-    OrderRecord,
     PortfolioRecord,
     PositionRecord,
     Reservation,
@@ -59,7 +58,7 @@ from services.risk.settings import DEFAULT_MARKET_SLIPPAGE
 from services.trading import OrderType, Side
 from services.trading.funds import hold_for
 from services.trading.money import ZERO, money_context
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from services.trading.risk import RejectReason, check_order
 
 __all__ = ["GROUP", "HANDLED", "RiskStage"]
@@ -136,7 +135,7 @@ class RiskStage:
         for (pid, oid), raw in zip(orders, replies[start : start + len(orders)], strict=True):
             states[pid].open[oid] = load(Reservation, raw) if raw else None
         for (pid, oid), raw in zip(requested, replies[start + len(orders) :], strict=True):
-            if raw and load(OrderRecord, raw).status is not OrderStatus.REQUESTED:
+            if raw and load(Order, raw).status is not OrderStatus.REQUESTED:
                 states[pid].decided.add(oid)
         return states
 

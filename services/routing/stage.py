@@ -61,13 +61,13 @@ from services.core.events import (
     derive_event_id,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, StateReader, dump, load
+from services.core.hotstate import RestingOrder, StateKeys, StateReader, dump, load
 from services.core.marks import Marks
 from services.core.replication import NotReplicated, ReplicaWait, run_replicated
 from services.core.telemetry import consumer_span, get_logger
 from services.trading import OrderType, TimeInForce
 from services.trading.money import ZERO, money_context
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from services.trading.routing import NoVenueAvailable, RouteDecision, VenueOption, choose_venue
 from services.venues.base import (
     InsufficientFunds,
@@ -145,7 +145,7 @@ class Quotes:
 class _Batch:
     resting: dict[tuple[str, str], RestingOrder | None] = field(default_factory=dict)
     cancels: dict[str, bool] = field(default_factory=dict)
-    records: dict[str, OrderRecord | None] = field(default_factory=dict)
+    records: dict[str, Order | None] = field(default_factory=dict)
     intents: dict[str, str] = field(default_factory=dict)
     """Order id -> the venue a previous attempt submitted to (outcome unknown)."""
 
@@ -224,7 +224,7 @@ class RoutingStage:
             elif kind == "resting":
                 batch.resting[ref] = load(RestingOrder, reply) if reply else None
             else:
-                batch.records[ref] = load(OrderRecord, reply) if reply else None
+                batch.records[ref] = load(Order, reply) if reply else None
         return batch
 
     @property

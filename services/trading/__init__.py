@@ -1,5 +1,5 @@
-"""The pure trading domain: its vocabulary, order state machine, positions and PnL, pre-trade
-risk, funds held for open orders, routing.
+"""The pure trading domain: its vocabulary, the order and its state machine, positions and
+PnL, pre-trade risk, funds held for open orders, routing.
 
 No I/O here: no Redis, no HTTP, no asyncio, no clock reads (time is a parameter), and money
 is ``Decimal`` only, so the same code runs in a stream consumer, a Hatchet task, a replay and
@@ -15,6 +15,7 @@ from services.trading.money import DECIMAL_CONTEXT
 from services.trading.orders import (
     TERMINAL,
     TRANSITIONS,
+    Fill,
     InvalidFill,
     InvalidTransition,
     Order,
@@ -34,9 +35,11 @@ from services.trading.vocabulary import (
     Instrument,
     Liquidity,
     OrderType,
+    Route,
     Side,
     TimeInForce,
     TradingState,
+    UtcDatetime,
     VenueQuote,
 )
 
@@ -44,6 +47,7 @@ __all__ = [
     "DECIMAL_CONTEXT",
     "TERMINAL",
     "TRANSITIONS",
+    "Fill",
     "Hold",
     "Instrument",
     "InvalidFill",
@@ -59,10 +63,12 @@ __all__ = [
     "RejectReason",
     "RiskDecision",
     "RiskLimits",
+    "Route",
     "RouteDecision",
     "Side",
     "TimeInForce",
     "TradingState",
+    "UtcDatetime",
     "VenueOption",
     "VenueQuote",
     "check_order",

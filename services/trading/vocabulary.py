@@ -1,5 +1,6 @@
 """The words every part of the platform trades in: sides, order types, time in force,
-liquidity, a portfolio's trading state, the instrument and a venue's quote.
+liquidity, a portfolio's trading state, the path that drives an order, the instrument, a
+venue's quote, and the UTC timestamp every record and event carries.
 
 They are the ground floor: the trading domain, the event catalog (``services.core.events``),
 the venues and the services all name orders with them, and this module imports nothing else
@@ -9,8 +10,10 @@ of ours but ``services.trading.money``. The enums' values are what events carry 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 from decimal import Decimal
+from typing import Annotated
 
 import msgspec
 
@@ -20,11 +23,16 @@ __all__ = [
     "Instrument",
     "Liquidity",
     "OrderType",
+    "Route",
     "Side",
     "TimeInForce",
     "TradingState",
+    "UtcDatetime",
     "VenueQuote",
 ]
+
+UtcDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+"""A timestamp that must carry its time zone (msgspec refuses a naive one); UTC by convention."""
 
 
 class Side(enum.StrEnum):
@@ -57,6 +65,13 @@ class TradingState(enum.StrEnum):
     ACTIVE = "ACTIVE"
     REDUCING = "REDUCING"
     HALTED = "HALTED"
+
+
+class Route(enum.StrEnum):
+    """Which path drives an event: stream stages act only on ``stream`` events."""
+
+    STREAM = "stream"
+    WORKFLOW = "workflow"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,9 +44,9 @@ from services.core.events import (
     WorkflowStarted,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, load
+from services.core.hotstate import load
 from services.core.telemetry import get_logger
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from services.workflows.contracts import PLACE_ORDER, PlaceOrderInput
 from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
 from services.workflows.runs import RunStatus, StepRecord
@@ -64,12 +64,12 @@ Step = Callable[[list[Event[Any]]], Awaitable[list[Event[Any]]]]
 _PENDING: set[asyncio.Task[None]] = set()
 
 
-async def _record(deps: Deps, event: Event[Any]) -> OrderRecord | None:
+async def _record(deps: Deps, event: Event[Any]) -> Order | None:
     raw: Any = await deps.redis.get(deps.stages.keys.order(event.portfolio_id, event.payload.order_id))
-    return load(OrderRecord, raw) if raw else None
+    return load(Order, raw) if raw else None
 
 
-def _summary(record: OrderRecord) -> dict[str, Any]:
+def _summary(record: Order) -> dict[str, Any]:
     return {
         "order_id": record.order_id,
         "client_order_id": record.client_order_id,

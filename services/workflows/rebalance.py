@@ -33,13 +33,13 @@ from services.core.events import (
     WorkflowStarted,
     derive_event_id,
 )
-from services.core.hotstate import OrderRecord, PositionRecord, StateReader, decode_balances, load, pairs
+from services.core.hotstate import PositionRecord, StateReader, decode_balances, load, pairs
 from services.core.marks import Marks
 from services.core.telemetry import get_logger
 from services.intake import ClientOrderIdConflict, InvalidOrder, OrderBody, PortfolioNotFound, validate
 from services.trading import OrderType, Side, TimeInForce
 from services.trading.money import ZERO, money_context
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from services.venues.paper import DEFAULT_MARKETS
 from services.workflows.bridge import ORDER_TERMINAL
 from services.workflows.contracts import CHILD_ORDER_PREFIX, REBALANCE, RebalanceInput
@@ -101,10 +101,10 @@ def _weights(targets: Mapping[str, str]) -> dict[str, Decimal]:
     return out
 
 
-async def _children(deps: Deps, pid: str, order_ids: list[str]) -> list[OrderRecord]:
+async def _children(deps: Deps, pid: str, order_ids: list[str]) -> list[Order]:
     sk = deps.stages.keys
     raws: list[Any] = [await deps.redis.get(sk.order(pid, oid)) for oid in order_ids]
-    return [load(OrderRecord, raw) for raw in raws if raw]
+    return [load(Order, raw) for raw in raws if raw]
 
 
 async def _submit(deps: Deps, body: OrderBody, requested_by: str) -> str:

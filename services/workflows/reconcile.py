@@ -53,16 +53,15 @@ from services.core.events import (
     OrderCanceled,
     OrderExecuted,
     OrderFailed,
-    OrderRequested,
     Route,
     derive_event_id,
     utcnow,
 )
-from services.core.hotstate import OrderRecord, RestingOrder, StateKeys, load
+from services.core.hotstate import RestingOrder, StateKeys, load, order_requested
 from services.core.telemetry import get_logger
 from services.risk.stage import HANDLED as RISK_HANDLED
 from services.trading.money import ZERO, money_context
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from services.venues.base import (
     OrderNotFound,
     Venue,
@@ -90,20 +89,12 @@ class ReconcileInput(BaseModel):
     limit: int = 10_000
 
 
-def _origin(record: OrderRecord) -> Event[Any]:
+def _origin(record: Order) -> Event[Any]:
     """A stand-in for the order's request, that corrections are derived from (fixed id)."""
-    return Event.new(
-        OrderRequested(
-            order_id=record.order_id, client_order_id=record.client_order_id, symbol=record.symbol,
-            side=record.side, order_type=record.order_type, quantity=record.quantity, price=record.price,
-            time_in_force=record.time_in_force, venue=record.requested_venue,
-        ),
-        portfolio_id=record.portfolio_id, correlation_id=record.correlation_id,
-        event_id=derive_event_id(record.order_id, STAGE), route=Route.WORKFLOW,
-    )
+    return order_requested(record, route=Route.WORKFLOW, event_id=derive_event_id(record.order_id, STAGE))
 
 
-def missing_fills(record: OrderRecord, found: VenueOrder) -> list[tuple[str, VenueFill]]:
+def missing_fills(record: Order, found: VenueOrder) -> list[tuple[str, VenueFill]]:
     """The venue's fills of ``found`` the record lacks, each with its platform fill id (pure).
 
     A venue fill is recorded when the record has a fill at that venue with its venue fill id
@@ -147,7 +138,7 @@ def missing_fills(record: OrderRecord, found: VenueOrder) -> list[tuple[str, Ven
     return out
 
 
-def corrections(record: OrderRecord, found: VenueOrder | None, *, resting: RestingOrder | None = None
+def corrections(record: Order, found: VenueOrder | None, *, resting: RestingOrder | None = None
                 ) -> list[Event[Any]]:
     """What the store needs to agree with the venue (pure). ``found``: the order at its venue,
     None when every venue that could hold it said it has none; ``resting``: routing's resting
@@ -188,7 +179,7 @@ def corrections(record: OrderRecord, found: VenueOrder | None, *, resting: Resti
     return out
 
 
-def venues_to_ask(record: OrderRecord, venues: Sequence[Venue]) -> tuple[list[Venue], bool]:
+def venues_to_ask(record: Order, venues: Sequence[Venue]) -> tuple[list[Venue], bool]:
     """The venues to look the order up at, and whether "none of them has it" would mean the
     order is not at any venue: not when the order's venue (or, unrouted, any venue) is an
     in-process one, which this process cannot see into, or one this process does not trade on."""
@@ -197,7 +188,7 @@ def venues_to_ask(record: OrderRecord, venues: Sequence[Venue]) -> tuple[list[Ve
     return asked, bool(could_hold) and len(asked) == len(could_hold)
 
 
-async def _lookup(deps: Deps, record: OrderRecord) -> tuple[VenueOrder | None, bool]:
+async def _lookup(deps: Deps, record: Order) -> tuple[VenueOrder | None, bool]:
     """(the venue's order, whether "None" means no venue has it)."""
     venues, conclusive = venues_to_ask(record, deps.stages.venues)
     for venue in venues:
@@ -226,7 +217,7 @@ async def _apply(deps: Deps, event: Event[Any]) -> None:
 
 
 async def open_orders(redis: Any, keys: StateKeys, cutoff: dt.datetime, *, page: int = 500
-                      ) -> AsyncIterator[OrderRecord]:
+                      ) -> AsyncIterator[Order]:
     """The open orders that have not moved since ``cutoff``, shard by shard, oldest first, from
     the shards' ``open-orders`` indexes (in one slot each). An order created after ``cutoff``
     cannot qualify, so each index is read only up to it. A shard's ids are all read before its
@@ -245,7 +236,7 @@ async def open_orders(redis: Any, keys: StateKeys, cutoff: dt.datetime, *, page:
             for raw in raws:
                 if not raw:
                     continue
-                record = load(OrderRecord, raw)
+                record = load(Order, raw)
                 if record.status in _OPEN and record.updated_at <= cutoff:
                     yield record
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
+from services.core.hotstate import load
 from services.gateway.models import (
     ApiKeyBody,
     OrderBody,
@@ -14,8 +16,11 @@ from services.gateway.models import (
     RebalanceBody,
     decode_body,
     openapi_components,
+    order_view,
 )
 from services.gateway.problems import FieldError, Problem, problem_response
+from services.trading.orders import Order, OrderStatus
+from tests.unit.trading.test_orders import STORED_AT_DB5E190
 
 ORDER = {"client_order_id": "c-1", "portfolio_id": "pf-1", "symbol": "BTC/USDT", "side": "buy", "type": "limit",
          "quantity": "0.5", "price": "100", "venue": "paper"}
@@ -64,3 +69,31 @@ def test_problem_response_when_text_has_a_lone_surrogate_still_answers_the_probl
     r = problem_response(422, "validation_error", "bad \ud800", errors=[FieldError("f\udc00", "m")])
     body = json.loads(r.body)
     assert r.status_code == 422 and body["code"] == "validation_error" and body["errors"][0]["field"] == "f\\udc00"
+
+
+ORDER_JSON = (
+    b'{"order_id":"o-1","client_order_id":"c-1","status":"partially_filled","correlation_id":"o-1","portfo'
+    b'lio_id":"pf-1","symbol":"BTC/USDT","side":"buy","type":"limit","quantity":"1.5","price":"60000.10","'
+    b'time_in_force":"ioc","requested_venue":"paper","venue":"paper","filled_quantity":"0.5","avg_fill_pri'
+    b'ce":"60000","commission":"0.25","commission_asset":"USDT","reject_code":null,"reject_reason":null,"f'
+    b'ills":[{"fill_id":"o-1:paper:f1","quantity":"0.5","price":"60000","commission":"0.25","commission_as'
+    b'set":"USDT","liquidity":"taker","venue":"paper","at":"2026-03-01T12:00:02Z"}],"created_at":"2026-03-'
+    b'01T12:00:00Z","updated_at":"2026-03-01T12:00:02Z"}'
+)
+REJECTED_JSON = (
+    b'{"order_id":"o-1","client_order_id":"c-1","status":"rejected","correlation_id":"o-1","portfolio_id":'
+    b'"pf-1","symbol":"BTC/USDT","side":"buy","type":"limit","quantity":"1.5","price":null,"time_in_force"'
+    b':"ioc","requested_venue":"paper","venue":null,"filled_quantity":"0.5","avg_fill_price":null,"commiss'
+    b'ion":"0.25","commission_asset":null,"reject_code":"MAX_NOTIONAL","reject_reason":"too big","fills":['
+    b'],"created_at":"2026-03-01T12:00:00Z","updated_at":"2026-03-01T12:00:02Z"}'
+)
+
+
+def test_order_view_when_encoded_is_byte_for_byte_the_public_contract() -> None:
+    stored = load(Order, STORED_AT_DB5E190)  # a partially filled order, as Redis holds it
+    assert msgspec.json.encode(order_view(stored)) == ORDER_JSON
+    rejected = msgspec.structs.replace(
+        stored, status=OrderStatus.REJECTED, fills=(), reject_code="MAX_NOTIONAL", reject_reason="too big", venue=None,
+        price=None, avg_fill_price=None, commission_asset=None,
+    )
+    assert msgspec.json.encode(order_view(rejected)) == REJECTED_JSON

@@ -19,6 +19,7 @@ from services.core.events import (
     ExchangeRouted,
     OrderCanceled,
     OrderCancelRequested,
+    OrderCreated,
     OrderExecuted,
     OrderRejected,
     OrderRequested,
@@ -26,7 +27,6 @@ from services.core.events import (
 )
 from services.core.hotstate import (
     DEFAULT_LIMITS,
-    OrderRecord,
     PortfolioRecord,
     PositionRecord,
     StateKeys,
@@ -40,7 +40,7 @@ from services.portfolio.stage import PortfolioStage, _State, apply_fill_to_balan
 from services.replay.ledger import compare, rebuild
 from services.risk.stage import PortfolioState, RiskStage
 from services.trading import Liquidity, OrderType, Side, TimeInForce, TradingState
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 
 D = Decimal
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -52,13 +52,13 @@ def commit_for(pid: str) -> Commit:
     return Commit(KEYS, KEYS.shard_of(pid))
 
 
-def record(status: OrderStatus = OrderStatus.REQUESTED, **kw: Any) -> OrderRecord:
+def record(status: OrderStatus = OrderStatus.REQUESTED, **kw: Any) -> Order:
     values: dict[str, Any] = dict(
         order_id="o-1", client_order_id="c-1", portfolio_id="pf", correlation_id="o-1", symbol="BTC/USDT",
         side=Side.BUY, order_type=OrderType.MARKET, quantity=D("2"), status=status, created_at=NOW, updated_at=NOW,
     )
     values.update(kw)
-    return OrderRecord(**values)
+    return Order(**values)
 
 
 def executed(fill: int, qty: str, leaves: str, cumulative: str) -> Event[Any]:
@@ -103,6 +103,27 @@ def test_order_stage_when_validated_creates_the_order_and_emits_order_created() 
     assert [e.event_type for e in commit.outputs] == [EventType.ORDER_CREATED]
     again = commit_for("pf")
     assert stage.apply(validated(), after, again) is after and not again.outputs  # a repeat changes nothing
+
+
+def test_order_stage_when_validated_carries_the_terms_and_the_price_cap_into_order_created() -> None:
+    terms: dict[str, Any] = dict(
+        order_id="o-1", client_order_id="c-1", symbol="BTC/USDT", side=Side.BUY, order_type=OrderType.LIMIT,
+        quantity=D("2"), price=D("100"), time_in_force=TimeInForce.IOC, venue="paper",
+    )
+    commit = commit_for("pf")
+    ok = Event.new(OrderValidated(**terms, reference_price=D("99"), price_cap=D("101")), portfolio_id="pf")
+    OrderStage(None, SK, clock=lambda: NOW).apply(ok, record(), commit)
+    assert [e.payload for e in commit.outputs] == [OrderCreated(**terms, price_cap=D("101"))]
+
+
+def test_order_stage_when_a_venue_fill_comes_again_under_another_fill_id_drops_it() -> None:
+    stage = OrderStage(None, SK, clock=lambda: NOW)
+    first = executed(1, "0.5", "1.5", "0.5")
+    first = msgspec.structs.replace(first, payload=msgspec.structs.replace(first.payload, venue_fill_id="x-9"))
+    again = msgspec.structs.replace(first, payload=msgspec.structs.replace(first.payload, fill_id="o-1:paper:x-9"))
+    once = stage.apply(first, record(OrderStatus.ROUTED), commit_for("pf"))
+    assert once.filled_quantity == D("0.5")
+    assert stage.apply(again, once, commit_for("pf")) is once
 
 
 def test_order_stage_when_fill_overtakes_routing_ack_fills_and_ignores_the_late_ack() -> None:
@@ -253,8 +274,8 @@ def test_rebuild_order_when_folded_from_stored_events_equals_what_the_stage_kept
     assert live.status is OrderStatus.FILLED
     cancel = Event.new(OrderCancelRequested(order_id="o-1", client_order_id="c-1", requested_by="k-1"), portfolio_id="pf")
     # stored order: a repeat and events the order stage does not handle change nothing
-    rebuilt = rebuild_order([requested, later[0], later[1], later[1], cancel, later[2]], KEYS)
+    rebuilt = rebuild_order([requested, later[0], later[1], later[1], cancel, later[2]])
     assert rebuilt is not None
     assert rebuilt.updated_at == later[2].occurred_at  # the time of its last event
     assert rebuilt == msgspec.structs.replace(live, updated_at=rebuilt.updated_at, body_hash="")
-    assert rebuild_order(later, KEYS) is None  # no request stored: not an order it can rebuild
+    assert rebuild_order(later) is None  # no request stored: not an order it can rebuild

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
-from services.core.hotstate import OrderRecord
 from services.core.replication import NotReplicated
 from services.core.telemetry import get_logger
 from services.gateway.auth import Principal
@@ -20,6 +19,7 @@ from services.gateway.models import Scope as KeyScope
 from services.gateway.openapi import answer, problems, ref
 from services.gateway.problems import Problem
 from services.intake import OrderDesk, Submitted
+from services.trading import Order
 
 __all__ = ["Place", "place", "router"]
 
@@ -149,7 +149,7 @@ def router(gw: Gateway, place_order: Place) -> APIRouter:
             request.query_params.get("durable") if request.scope["query_string"] else None,
         )
 
-    async def visible_order(caller: Principal, order_id: str) -> tuple[OrderRecord, bool]:
+    async def visible_order(caller: Principal, order_id: str) -> tuple[Order, bool]:
         """The order (live, or rebuilt from the event store once it left Redis) and whether
         it is live; 404 when neither has it or the key does not grant its portfolio."""
         record, live = await gw.desk.find(order_id)

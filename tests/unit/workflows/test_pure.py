@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from services.core.events import Event, EventType, OrderExecuted, OrderRejected
-from services.core.hotstate import Fill, OrderRecord
 from services.trading import Liquidity, OrderType, Side, TimeInForce
-from services.trading.orders import OrderStatus
+from services.trading.orders import Fill, Order, OrderStatus
 from services.venues.base import VenueFill, VenueOrder, VenueOrderStatus
 from services.workflows.bridge import terminal_status
 from services.workflows.contracts import CHILD_ORDER_PREFIX
@@ -43,8 +42,8 @@ def test_equity_values_each_balance_at_its_mark_and_ignores_unmarked_assets() ->
     assert value == D("-1000") + D("30000") - D("6000") and gross == D("36000")
 
 
-def _record(status: OrderStatus, fills: tuple[Fill, ...] = ()) -> OrderRecord:
-    return OrderRecord(
+def _record(status: OrderStatus, fills: tuple[Fill, ...] = ()) -> Order:
+    return Order(
         order_id="o-1", client_order_id="c-1", portfolio_id="p-1", correlation_id="o-1", symbol="BTC/USDT",
         side=Side.BUY, order_type=OrderType.MARKET, quantity=D("0.02"), price=None, time_in_force=TimeInForce.IOC,
         requested_venue=None, created_at=NOW, updated_at=NOW, status=status, fills=fills,

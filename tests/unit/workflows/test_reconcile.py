@@ -10,9 +10,9 @@ from decimal import Decimal
 import msgspec
 
 from services.core.events import EventType, OrderExecuted
-from services.core.hotstate import Fill, OrderRecord, RestingOrder
+from services.core.hotstate import RestingOrder
 from services.trading import Liquidity, OrderType, Side, TimeInForce
-from services.trading.orders import OrderStatus
+from services.trading.orders import Fill, Order, OrderStatus
 from services.venues.base import Venue, VenueFill, VenueOrder, VenueOrderStatus, platform_fill_id
 from services.venues.ccxt import CcxtVenue, CcxtVenueConfig, close_shared_clients
 from services.venues.paper import PaperVenue
@@ -48,9 +48,9 @@ def routed(fill: VenueFill) -> Fill:
     return stored(platform_fill_id("o-1", "sim", fill.fill_id), str(fill.quantity), fill.fill_id)
 
 
-def record(status: OrderStatus, *fills: Fill, venue: str | None = "sim") -> OrderRecord:
+def record(status: OrderStatus, *fills: Fill, venue: str | None = "sim") -> Order:
     filled = sum((f.quantity for f in fills), D(0))
-    return OrderRecord(
+    return Order(
         order_id="o-1", client_order_id="c-1", portfolio_id="p-1", correlation_id="o-1", symbol="BTC/USDT",
         side=Side.BUY, order_type=OrderType.LIMIT, quantity=QTY, price=D("60000"), time_in_force=TimeInForce.GTC,
         requested_venue=None, created_at=NOW, updated_at=NOW, status=status, fills=fills, venue=venue,
@@ -58,7 +58,7 @@ def record(status: OrderStatus, *fills: Fill, venue: str | None = "sim") -> Orde
     )
 
 
-def applied(r: OrderRecord, event_payload: OrderExecuted) -> OrderRecord:
+def applied(r: Order, event_payload: OrderExecuted) -> Order:
     """The record after the order stage took a correction (just what matching looks at)."""
     p = event_payload
     fill = stored(p.fill_id, str(p.quantity), p.venue_fill_id)
