@@ -22,12 +22,12 @@ from services.client import AsyncClient, OrderRequest
 from services.core.bus import Bus
 from services.core.codec import decode_any
 from services.core.events import Event, EventType, OrderRejected, utcnow
-from services.core.hotstate import OrderRecord, PositionRecord, StateKeys, dump, load
+from services.core.hotstate import PositionRecord, StateKeys, dump, load
 from services.core.redisconn import AnyRedis, open_redis
 from services.core.settings import BusSettings, CoreSettings
 from services.gateway import Gateway, GatewaySettings, create_app
 from services.recorder.store import EventStore
-from services.trading.orders import OrderStatus
+from services.trading.orders import Order, OrderStatus
 from tests.integration.conftest import delete_namespace, eventually, stream_total
 
 ADMIN = "admin-secret-for-the-tests-0001"
@@ -100,7 +100,7 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 async def write_terminal(w: World, order_id: str, pid: str, **changes: Any) -> None:
     key = w.state.order(pid, order_id)
-    record = load(OrderRecord, await w.redis.get(key))
+    record = load(Order, await w.redis.get(key))
     await w.redis.set(key, dump(msgspec.structs.replace(record, updated_at=utcnow(), **changes)))
 
 
@@ -227,7 +227,7 @@ async def test_order_when_submitted_is_recorded_published_once_and_idempotent(
         order_id = accepted["order_id"]
         assert accepted["correlation_id"] == order_id
 
-        record = load(OrderRecord, await w.redis.get(w.state.order("pf-1", order_id)))
+        record = load(Order, await w.redis.get(w.state.order("pf-1", order_id)))
         assert record.status is OrderStatus.REQUESTED and record.price == Decimal("100.50") and record.body_hash
         assert await w.redis.get(w.state.client_order("pf-1", "c-1")) == order_id.encode()
         assert [i.decode() for i in await w.redis.zrange(w.state.orders("pf-1"), 0, -1)] == [order_id]

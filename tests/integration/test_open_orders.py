@@ -11,10 +11,10 @@ from typing import Any
 
 from services.core.bus import Bus, Commit
 from services.core.events import Event, OrderCanceled, OrderValidated, utcnow
-from services.core.hotstate import OrderRecord, StateKeys, load
+from services.core.hotstate import StateKeys, load
 from services.core.inject import OrderSpec, inject_orders
 from services.order.stage import EXPIRED_REASON, GROUP, OrderStage
-from services.trading import OrderType, Side
+from services.trading import Order, OrderType, Side
 from services.trading.orders import OrderStatus
 from services.workflows.reconcile import open_orders
 
@@ -32,7 +32,7 @@ async def _handle(bus: Bus, stage: OrderStage, event: Event[Any]) -> None:
     assert await bus.apply(GROUP, event, commit, version) is not None
 
 
-def _validated(record: OrderRecord) -> Event[Any]:
+def _validated(record: Order) -> Event[Any]:
     return Event.new(
         OrderValidated(
             order_id=record.order_id, client_order_id=record.client_order_id, symbol=record.symbol, side=record.side,
@@ -42,7 +42,7 @@ def _validated(record: OrderRecord) -> Event[Any]:
     )
 
 
-def _expired(record: OrderRecord) -> Event[Any]:
+def _expired(record: Order) -> Event[Any]:
     return Event.new(
         OrderCanceled(
             order_id=record.order_id, client_order_id=record.client_order_id, reason=EXPIRED_REASON,
@@ -60,8 +60,8 @@ async def test_open_orders_when_created_are_indexed_and_found_by_reconcile_until
     ids = await inject_orders(bus, specs)
     refs = [(s.portfolio_id, oid) for s, oid in zip(specs, ids, strict=True)]
 
-    async def record(pid: str, oid: str) -> OrderRecord:
-        return load(OrderRecord, await bus.redis.get(sk.order(pid, oid)))
+    async def record(pid: str, oid: str) -> Order:
+        return load(Order, await bus.redis.get(sk.order(pid, oid)))
 
     later = utcnow() + dt.timedelta(seconds=1)
     assert [r async for r in open_orders(bus.redis, sk, later)] == []  # requested only: not open yet
