@@ -33,8 +33,9 @@ Every per-order key is bounded: it expires, or it is removed when its order ends
 ``reservations`` and ``resting`` fields, the ``open-orders`` entry), so Redis holds the open
 orders plus the finished ones of the last retention period (docs/trading.md, Retention).
 
-Outside the shards: ``<ns>:global:marks`` (hash symbol -> mark price, written by the price
-feed) and the API keys (``<ns>:global:apikey:<sha256 of the secret>``).
+Outside the shards: ``<ns>:global:marks`` (hash symbol -> mark price, written by the market
+feed), ``<ns>:global:catalogue`` (the instrument catalogue, ``services.core.catalogue``) and
+the API keys (``<ns>:global:apikey:<sha256 of the secret>``).
 
 Records are msgpack (msgspec); Decimals travel as strings, timestamps are UTC.
 """
@@ -401,6 +402,9 @@ class StateKeys:
 
     def marks(self) -> str:
         return self.keys.global_key("marks")
+
+    def catalogue(self) -> str:
+        return self.keys.global_key("catalogue")
 
     def api_key(self, secret_hash: str) -> str:
         return self.keys.global_key("apikey", secret_hash)

@@ -1,8 +1,8 @@
 """Mark prices: one Redis hash ``<ns>:global:marks`` (symbol -> price), read through a cache.
 
-The price feed writes it (``services.routing.feed`` on the local stack; the market-data
-workflow later); risk reads it for price bands and notionals, the gateway for unrealized
-PnL. Readers refresh their copy every ``refresh_s`` seconds, so a mark is at most that old.
+The market feed writes it from the venues' prices (``services.routing.market``; the
+``market_data.process`` workflow from the snapshots it is given); risk reads it for price
+bands and notionals, the gateway for unrealized PnL. Readers refresh their copy every ``refresh_s`` seconds, so a mark is at most that old.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from services.core.keys import Keys
 from services.core.telemetry import get_logger
 
-__all__ = ["Marks"]
+__all__ = ["Marks", "parse_marks"]
 
 log = get_logger("zvt.marks")
 
@@ -47,7 +47,7 @@ class Marks:
                         log.warning("marks not refreshed", error=str(exc))
                         self._loaded_at = now - self.refresh_s / 2  # the waiters use the old copy
                     else:
-                        self._marks = _parse(raw)
+                        self._marks = parse_marks(raw)
                         self._loaded_at = now
         return self._marks
 
@@ -55,7 +55,8 @@ class Marks:
         return (await self.current()).get(symbol)
 
 
-def _parse(raw: dict[Any, Any]) -> dict[str, Decimal]:
+def parse_marks(raw: dict[Any, Any]) -> dict[str, Decimal]:
+    """The marks hash as read (``HGETALL``), less what is not a positive price."""
     out: dict[str, Decimal] = {}
     for k, v in raw.items():
         symbol = k.decode() if isinstance(k, bytes) else str(k)

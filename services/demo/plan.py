@@ -47,8 +47,8 @@ AWAY = Decimal("0.03")
 """How far from the mark a resting limit is priced: it does not cross, and is in the band."""
 PRICE_STEP = Decimal("0.01")
 PRICE_GUESS: Mapping[str, Decimal] = dict(DEFAULT_PRICES)
-"""Where the local price feed starts: good enough to size balances before any order has
-given the real marks (``balances_for`` funds twice what the orders need)."""
+"""Where the paper venue's prices (and so the marks) start: good enough to size balances
+before any order has given the real marks (``balances_for`` funds twice what the orders need)."""
 HALTED_SUFFIX = "halted"
 MIN_ORDERS = 10
 REJECT_SHARE = 0.09

@@ -2,11 +2,13 @@
 
 Consumes ``order.requested``, ``position.updated`` (fills the portfolio applied) and the events
 that end an order, as the exclusive group ``risk``; emits ``order.validated`` or
-``order.rejected`` with a reason code.
+``order.rejected`` with a reason code. The instruments come from routing's catalogue
+(``services.core.catalogue``); until there is one, requests wait.
 """
 
 from __future__ import annotations
 
+from services.core.catalogue import Instruments
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
 from services.core.runtime import BatchFn, Service, main
@@ -20,9 +22,10 @@ def build(service: Service) -> None:
 
     async def open_stage(service: Service) -> BatchFn:
         assert service.redis is not None and service.bus is not None
-        marks = Marks(service.redis, service.bus.keys)
+        keys = service.bus.keys
         stage = RiskStage(
-            service.redis, StateKeys(service.bus.keys), marks, market_slippage=settings.market_slippage
+            service.redis, StateKeys(keys), Marks(service.redis, keys), Instruments(service.redis, keys),
+            market_slippage=settings.market_slippage,
         )
         return stage.handle
 

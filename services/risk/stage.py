@@ -12,7 +12,13 @@ or published again) is dropped: the decision was made once, and its hold may be 
 
 The decision itself is ``services.trading.risk.check_order``; this module only gathers its
 inputs (the portfolio's limits and trading state, positions, balances less reservations,
-the mark, recent orders) and records the outcome. It owns ``risk:<portfolio>``.
+the mark, recent orders, the instrument and its worst taker fee from the instrument catalogue)
+and records the outcome. It owns ``risk:<portfolio>``.
+
+The catalogue (``services.core.catalogue``) is routing's, built from the venues' markets: a
+symbol it does not list is rejected ``UNKNOWN_SYMBOL``. Before routing has published one, a
+batch with a request raises ``Unavailable``: the requests wait (the consumer pauses and retries)
+rather than being decided without the instruments.
 
 Runs as an exclusive consumer: one process handles a shard at a time, in order, so the state
 it reads at the start of a batch is the state its previous batch committed. Within a batch,
@@ -27,7 +33,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from services.core.bus import Commit
+from services.core.bus import Commit, Unavailable
+from services.core.catalogue import Instruments
 from services.core.events import (
     Event,
     EventType,
@@ -53,9 +60,9 @@ from services.core.hotstate import (
 )
 from services.core.marks import Marks
 from services.core.telemetry import consumer_span, get_logger
-from services.risk.instruments import INSTRUMENTS, TAKER_FEE
 from services.risk.settings import DEFAULT_MARKET_SLIPPAGE
 from services.trading import OrderType, Side
+from services.trading.catalogue import Catalogue
 from services.trading.funds import hold_for
 from services.trading.money import ZERO, money_context
 from services.trading.orders import Order, OrderStatus
@@ -94,10 +101,11 @@ class PortfolioState:
 
 class RiskStage:
     def __init__(
-        self, redis: Any, state_keys: StateKeys, marks: Marks, *, clock: Callable[[], dt.datetime] = utcnow,
-        market_slippage: Decimal = DEFAULT_MARKET_SLIPPAGE,
+        self, redis: Any, state_keys: StateKeys, marks: Marks, instruments: Instruments, *,
+        clock: Callable[[], dt.datetime] = utcnow, market_slippage: Decimal = DEFAULT_MARKET_SLIPPAGE,
     ) -> None:
         self.market_slippage = market_slippage
+        self.instruments = instruments
         self.redis = redis
         self.reader = StateReader(redis)
         self.sk = state_keys
@@ -141,6 +149,11 @@ class RiskStage:
 
     async def handle(self, items: list[tuple[Event[Any], Commit]]) -> None:
         """The batch handler: one state load for the batch, then each event in stream order."""
+        catalogue = await self.instruments.current()
+        if catalogue is None and any(
+            e.event_type is EventType.ORDER_REQUESTED and not c.duplicate for e, c in items
+        ):
+            raise Unavailable("no instrument catalogue yet (routing publishes it from its venues)")
         states = await self.load(items)
         marks = await self.marks.current()
         for event, commit in items:
@@ -150,7 +163,8 @@ class RiskStage:
                 state = states[event.portfolio_id]
                 try:
                     if event.event_type is EventType.ORDER_REQUESTED:
-                        self.assess(event, state, marks, commit)
+                        assert catalogue is not None
+                        self.assess(event, state, marks, catalogue, commit)
                     else:
                         self.release(event, state, commit)
                 except Exception as exc:
@@ -161,7 +175,8 @@ class RiskStage:
                     state.dirty = False
 
     def assess(
-        self, event: Event[OrderRequested], state: PortfolioState, marks: Mapping[str, Decimal], commit: Commit
+        self, event: Event[OrderRequested], state: PortfolioState, marks: Mapping[str, Decimal],
+        catalogue: Catalogue, commit: Commit,
     ) -> None:
         """Decide one order request; emit the decision and reserve funds for an approval."""
         request = event.payload
@@ -174,7 +189,8 @@ class RiskStage:
             commit.emit(_rejected(event, RejectReason.TRADING_HALTED, f"portfolio {event.portfolio_id} does not exist"))
             return
         limits = portfolio.limits.to_limits()
-        instrument = INSTRUMENTS.get(request.symbol)
+        instrument = catalogue.instrument(request.symbol)
+        fee_rate = catalogue.taker_fee(request.symbol) or ZERO
         now_ms = int(now.timestamp() * 1000)
         window_start_ms = now_ms - limits.window_seconds * 1000
         if state.recent and state.recent[0] <= window_start_ms:
@@ -194,7 +210,7 @@ class RiskStage:
             trading_state=portfolio.trading_state,
             recent_order_times=len(state.recent),
             now=now,
-            fee_rate=TAKER_FEE.get(request.symbol, ZERO),
+            fee_rate=fee_rate,
             slippage=self.market_slippage,
         )
         if not decision.approved:
@@ -203,7 +219,7 @@ class RiskStage:
             return
         assert instrument is not None and decision.worst_price is not None
         hold = hold_for(
-            request.side, request.quantity, decision.worst_price, TAKER_FEE.get(request.symbol, ZERO),
+            request.side, request.quantity, decision.worst_price, fee_rate,
             instrument.base, instrument.quote,
         )
         reservation = Reservation.of(hold)

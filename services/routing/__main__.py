@@ -4,8 +4,9 @@ Consumes ``order.created`` and ``order.cancel_requested`` as the exclusive group
 and trades on the venues of ``ZVT_ROUTING_VENUES``: the in-process paper venue and/or ccxt
 venues (real exchanges, or the simulated venue servers of the staging profile). Follows the
 GTC orders resting at the venues for the shards it owns (``RoutingStage.follow``, every
-``ZVT_ROUTING_FOLLOW_INTERVAL_S``). One routing process at a time also runs the local price
-feed (marks in Redis).
+``ZVT_ROUTING_FOLLOW_INTERVAL_S``). Publishes the instrument catalogue of its venues' markets,
+and one routing process at a time runs the market feed (``services.routing.market``): the
+marks and ``price.updated`` from the venues' prices, and the catalogue again now and then.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ from services.core.replication import ReplicaWait
 from services.core.runtime import BatchFn, Service, main
 from services.core.settings import load
 from services.core.telemetry import get_logger
-from services.routing.feed import PriceFeed
+from services.routing.market import MarketFeed
 from services.routing.settings import RoutingSettings
 from services.routing.stage import GROUP, HANDLED, RoutingStage, VenueHealth
 from services.routing.venues import build_venues
 from services.venues.ccxt import close_shared_clients
-from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
 
 log = get_logger("zvt.routing")
 
 
 def build(service: Service) -> None:
     settings = load(RoutingSettings)
-    feeds: list[PriceFeed] = []
+    feeds: list[MarketFeed] = []
     stages: list[RoutingStage] = []
 
     async def open_stage(service: Service) -> BatchFn:
@@ -43,25 +43,25 @@ def build(service: Service) -> None:
         )
         await stage.start()
         stages.append(stage)
-        feed = PriceFeed(
-            service.redis,
-            keys,
-            DEFAULT_PRICES,
-            {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
-            volatility=settings.feed_volatility,
-            seed=settings.feed_seed,
-            owner=default_consumer_name(service.name),
+        feed = MarketFeed(
+            service.bus, venues, owner=default_consumer_name(service.name),
+            catalogue_interval_s=settings.catalogue_interval_s,
         )
-        await feed.seed_marks()
+        await feed.open()
         feeds.append(feed)
         return stage.handle
 
     async def run_feed() -> None:
         interval = settings.feed_interval_s
-        if interval <= 0 or settings.feed_volatility == 0:
+        if interval <= 0:
             return
         while not await service.sleep(interval):
-            await feeds[0].step(interval)
+            if not feeds:
+                continue
+            try:
+                await feeds[0].step(interval)
+            except Exception:
+                log.exception("the market feed failed; next step in a moment")
 
     async def run_follow() -> None:
         while not await service.sleep(settings.follow_interval_s):

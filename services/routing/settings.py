@@ -15,7 +15,7 @@ __all__ = ["RoutingSettings", "parse_venues"]
 @register
 class RoutingSettings(BaseSettings):
     """Routing: the venues it trades on (the in-process paper venue, ccxt venues) and the
-    local price feed."""
+    market feed (the marks and the instrument catalogue, from the venues)."""
 
     model_config = SettingsConfigDict(env_prefix="ZVT_ROUTING_", extra="ignore", frozen=True)
 
@@ -23,13 +23,20 @@ class RoutingSettings(BaseSettings):
         0.0, ge=0, le=10_000, description="Simulated latency of every paper venue call, milliseconds."
     )
     feed_interval_s: float = Field(
-        1.0, ge=0, le=3600, description="How often the local price feed moves the marks; 0 turns the feed off."
+        1.0, ge=0, le=3600,
+        description="How often the market feed sets the marks from the venues' prices (and steps the paper "
+        "venue's random walk); 0 turns the feed off.",
     )
     feed_volatility: Decimal = Field(
         Decimal("0.0005"), ge=0, le=Decimal("0.1"),
-        description="Largest move of one feed step, as a fraction of the mark; 0 keeps marks still.",
+        description="Largest move of one step of the paper venue's random walk, as a fraction of its price; "
+        "0 keeps its prices (and marks made from them alone) still.",
     )
-    feed_seed: int = Field(0, ge=0, description="Seed of the feed's random walk.")
+    feed_seed: int = Field(0, ge=0, description="Seed of the paper venue's random walk.")
+    catalogue_interval_s: float = Field(
+        300.0, gt=0, le=86_400,
+        description="How often the market feed builds the instrument catalogue from the venues' markets again.",
+    )
     follow_interval_s: float = Field(
         0.5, gt=0, le=60,
         description="How often routing asks the venues about the GTC orders resting there (new fills, their end).",

@@ -18,7 +18,10 @@ def build_venues(settings: RoutingSettings, redis: Any, keys: Keys) -> list[Venu
     venues: list[Venue] = []
     for name, exchange, url in parse_venues(settings.venues):
         if exchange is None:
-            venues.append(PaperVenue(name, faults=PaperFaults(latency=settings.paper_latency_ms / 1000)))
+            venues.append(PaperVenue(
+                name, faults=PaperFaults(latency=settings.paper_latency_ms / 1000),
+                volatility=settings.feed_volatility, seed=settings.feed_seed,
+            ))
             continue
         config = CcxtVenueConfig(
             name=name, exchange=exchange, account=settings.ccxt_account, api_url=url,

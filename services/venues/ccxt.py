@@ -241,29 +241,37 @@ class CcxtVenue:
 
     async def markets(self) -> dict[str, Market]:
         if not self._markets:
-            raw = await self._read(self.client.load_markets)
-            fees: Mapping[str, Any] = {}
-            if self.client.has.get("fetchTradingFees"):
-                fees = await self._read(self.client.fetch_trading_fees)
-            out: dict[str, Market] = {}
-            for symbol, m in raw.items():
-                if not m.get("spot", True) or m.get("active") is False:
-                    continue
-                fee = fees.get(symbol, m)
-                limits = m.get("limits") or {}
-                price_step = _dec(m["precision"]["price"])
-                amount_step = _dec(m["precision"]["amount"])
-                if price_step is None or amount_step is None:
-                    continue
-                out[symbol] = Market(
-                    symbol=symbol, base=m["base"], quote=m["quote"], price_step=price_step,
-                    quantity_step=amount_step,
-                    min_quantity=_dec((limits.get("amount") or {}).get("min"), ZERO) or ZERO,
-                    min_notional=_dec((limits.get("cost") or {}).get("min"), ZERO) or ZERO,
-                    maker_fee=_dec(fee.get("maker"), ZERO) or ZERO, taker_fee=_dec(fee.get("taker"), ZERO) or ZERO,
-                )
-            self._markets = out
+            self._markets = await self._load_markets(reload=False)
         return dict(self._markets)
+
+    async def reload_markets(self) -> dict[str, Market]:
+        """The markets as the venue lists them now; ``markets()`` answers with them from then on."""
+        self._markets = await self._load_markets(reload=True)
+        return dict(self._markets)
+
+    async def _load_markets(self, *, reload: bool) -> dict[str, Market]:
+        raw = await self._read(self.client.load_markets, reload)
+        fees: Mapping[str, Any] = {}
+        if self.client.has.get("fetchTradingFees"):
+            fees = await self._read(self.client.fetch_trading_fees)
+        out: dict[str, Market] = {}
+        for symbol, m in raw.items():
+            if not m.get("spot", True) or m.get("active") is False:
+                continue
+            fee = fees.get(symbol, m)
+            limits = m.get("limits") or {}
+            price_step = _dec(m["precision"]["price"])
+            amount_step = _dec(m["precision"]["amount"])
+            if price_step is None or amount_step is None:
+                continue
+            out[symbol] = Market(
+                symbol=symbol, base=m["base"], quote=m["quote"], price_step=price_step,
+                quantity_step=amount_step,
+                min_quantity=_dec((limits.get("amount") or {}).get("min"), ZERO) or ZERO,
+                min_notional=_dec((limits.get("cost") or {}).get("min"), ZERO) or ZERO,
+                maker_fee=_dec(fee.get("maker"), ZERO) or ZERO, taker_fee=_dec(fee.get("taker"), ZERO) or ZERO,
+            )
+        return out
 
     async def submit(self, order: VenueOrderRequest) -> VenueOrder:
         if await self.breaker.is_open():

@@ -13,11 +13,10 @@ from services.core.bus import Bus
 from services.core.redisconn import open_redis
 from services.core.settings import BusSettings, CoreSettings, load
 from services.intake import IntakeSettings, OrderDesk
-from services.routing.feed import PriceFeed
+from services.routing.market import MarketFeed
 from services.routing.settings import RoutingSettings
 from services.routing.venues import build_venues
 from services.venues.ccxt import close_shared_clients
-from services.venues.paper import DEFAULT_MARKETS, DEFAULT_PRICES
 from services.workflows.bridge import bridge_consumer
 from services.workflows.runs import RunStore
 from services.workflows.settings import WorkflowSettings
@@ -71,12 +70,12 @@ def make_lifespan(core: CoreSettings, bus_settings: BusSettings, settings: Workf
         redis = await open_redis(core)
         bus = Bus(redis, bus_settings)
         routing = load(RoutingSettings)
-        stages = Stages(bus, build_venues(routing, redis, bus.keys))
+        venues = build_venues(routing, redis, bus.keys)
+        stages = Stages(bus, venues)
         await stages.start()
-        # the marks risk's price band and the paper venue need, where no feed has put any yet
-        feed = PriceFeed(redis, bus.keys, DEFAULT_PRICES, {s: m.price_step for s, m in DEFAULT_MARKETS.items()},
-                         volatility=routing.feed_volatility, seed=routing.feed_seed, owner="workflows")
-        await feed.seed_marks()
+        # The instrument catalogue and the marks that risk and the paper venue need, where
+        # routing has not put them yet. No feed runs here: routing's moves the marks.
+        await MarketFeed(bus, venues, owner="workflows").open(publish=False)
         bridge = bridge_consumer(bus, hatchet)
         await bridge.start()
         try:

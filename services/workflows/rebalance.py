@@ -40,7 +40,6 @@ from services.intake import ClientOrderIdConflict, InvalidOrder, OrderBody, Port
 from services.trading import OrderType, Side, TimeInForce
 from services.trading.money import ZERO, money_context
 from services.trading.orders import Order, OrderStatus
-from services.venues.paper import DEFAULT_MARKETS
 from services.workflows.bridge import ORDER_TERMINAL
 from services.workflows.contracts import CHILD_ORDER_PREFIX, REBALANCE, RebalanceInput
 from services.workflows.deps import Deps, deps_of, failure_of, inject_fault
@@ -50,6 +49,10 @@ __all__ = ["ORDER_TERMINAL", "Leg", "define_rebalance", "plan_legs"]
 log = get_logger("zvt.workflows.rebalance")
 _WAIT_ROUNDS = 120  # one-second wakes at most, on top of the events
 _FAILED = (OrderStatus.REJECTED, OrderStatus.FAILED)
+
+
+class CatalogueMissing(RuntimeError):
+    """No instrument catalogue in Redis yet: retried, as routing or the worker publishes one."""
 
 
 @dataclass(frozen=True)
@@ -141,11 +144,14 @@ def define_rebalance(hatchet: Hatchet) -> Any:
         if not pf:
             raise NonRetryableException(f"portfolio {pid} does not exist")
         marks = await Marks(deps.redis, deps.bus.keys).current()
+        catalogue = await deps.stages.instruments.current()
+        if catalogue is None:
+            raise CatalogueMissing("no instrument catalogue yet (routing publishes it from its venues)")
         try:
             legs = plan_legs(
                 decode_balances(pairs(balances)),
                 {k: load(PositionRecord, v).quantity for k, v in pairs(positions).items()},
-                marks, weights, input.quote, {s: m.quantity_step for s, m in DEFAULT_MARKETS.items()},
+                marks, weights, input.quote, catalogue.quantity_steps(),
             )
         except ValueError as exc:
             raise NonRetryableException(str(exc)) from exc

@@ -7,6 +7,7 @@ from typing import Any
 
 from services.core.bus import Bus, Commit, VersionedRead, current_state_read
 from services.core.events import Event
+from services.core.catalogue import Instruments
 from services.core.hotstate import StateKeys
 from services.core.marks import Marks
 from services.core.replication import ReplicaWait
@@ -36,7 +37,10 @@ class Stages:
         marks = Marks(redis, bus.keys)
         self.bus = bus
         self.keys = sk
-        self.risk = RiskStage(redis, sk, marks, market_slippage=load(RiskSettings).market_slippage)
+        self.instruments = Instruments(redis, bus.keys)
+        self.risk = RiskStage(
+            redis, sk, marks, self.instruments, market_slippage=load(RiskSettings).market_slippage
+        )
         orders = load(OrderSettings)
         self.order = OrderStage(redis, sk, terminal_retention_s=orders.terminal_retention_s)
         self.portfolio = PortfolioStage(redis, sk, fill_memory_s=orders.fill_memory_s)

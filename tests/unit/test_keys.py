@@ -56,6 +56,7 @@ BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "applied_fills": ("applied", ("order_id",)),
     "cancel": ("cancel", ("order_id",)),
     "marks": ("marks", ()),
+    "catalogue": ("catalogue", ()),
     "api_key": ("apikey", ("secret_hash",)),
     "api_key_index": ("apikeys", ()),
 }

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.core.bus import Commit, PermanentError
+from services.core.bus import Commit, PermanentError, Unavailable
 from services.core.events import (
     Event,
     EventType,
@@ -40,12 +40,15 @@ from services.portfolio.stage import PortfolioStage, _State, apply_fill_to_balan
 from services.replay.ledger import compare, rebuild
 from services.risk.stage import PortfolioState, RiskStage
 from services.trading import Liquidity, OrderType, Side, TimeInForce, TradingState
+from services.trading.catalogue import combine_markets
 from services.trading.orders import Order, OrderStatus
+from services.venues.paper import DEFAULT_MARKETS
 
 D = Decimal
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 KEYS = Keys("u", 4)
 SK = StateKeys(KEYS)
+CATALOGUE = combine_markets({"paper": DEFAULT_MARKETS})
 
 
 def commit_for(pid: str) -> Commit:
@@ -187,12 +190,12 @@ def position_updated(order_id: str, fill_quantity: str) -> Event[Any]:
 
 
 def test_risk_stage_when_orders_approved_holds_funds_until_the_portfolio_applied_their_fills() -> None:
-    stage = RiskStage(None, SK, None, clock=lambda: NOW, market_slippage=D("0"))  # type: ignore[arg-type]
+    stage = RiskStage(None, SK, None, None, clock=lambda: NOW, market_slippage=D("0"))  # type: ignore[arg-type]
     state = portfolio_state("7000")
     marks = {"BTC/USDT": D("60000")}
     first, second = commit_for("pf"), commit_for("pf")
-    stage.assess(request(order_id="o-1"), state, marks, first)  # 6006 with the fee allowance
-    stage.assess(request(order_id="o-2"), state, marks, second)
+    stage.assess(request(order_id="o-1"), state, marks, CATALOGUE, first)  # 6006 with the fee allowance
+    stage.assess(request(order_id="o-2"), state, marks, CATALOGUE, second)
     assert first.outputs[0].event_type is EventType.ORDER_VALIDATED
     assert second.outputs[0].payload.reason_code == "INSUFFICIENT_BALANCE"
     assert state.reserved["USDT"] == D("6006.0")
@@ -204,27 +207,48 @@ def test_risk_stage_when_orders_approved_holds_funds_until_the_portfolio_applied
     stage.release(position_updated("o-1", "0.05"), state, released)  # all applied: the hold goes
     assert released.writes == [("HDEL", SK.reservations("pf"), "o-1")]
     third = commit_for("pf")
-    stage.assess(request(order_id="o-3"), state, marks, third)
+    stage.assess(request(order_id="o-3"), state, marks, CATALOGUE, third)
     assert third.outputs[0].event_type is EventType.ORDER_VALIDATED
     assert {k for k, v in state.open.items() if v} == {"o-3"}
     assert state.record().reserved == {"USDT": D("6006.0")} and len(state.record().recent) == 2
 
 
 def test_risk_stage_when_market_buy_approved_caps_its_price_where_it_held_funds() -> None:
-    stage = RiskStage(None, SK, None, clock=lambda: NOW, market_slippage=D("0.01"))  # type: ignore[arg-type]
+    stage = RiskStage(None, SK, None, None, clock=lambda: NOW, market_slippage=D("0.01"))  # type: ignore[arg-type]
     state = portfolio_state("7000")
     commit = commit_for("pf")
-    stage.assess(request(order_id="o-1"), state, {"BTC/USDT": D("60000")}, commit)
+    stage.assess(request(order_id="o-1"), state, {"BTC/USDT": D("60000")}, CATALOGUE, commit)
     assert commit.outputs[0].payload.price_cap == D("60600")
     assert state.reserved["USDT"] == D("0.1") * D("60600") * D("1.001")
 
 
 def test_risk_stage_when_portfolio_halted_rejects() -> None:
-    stage = RiskStage(None, SK, None, clock=lambda: NOW)  # type: ignore[arg-type]
+    stage = RiskStage(None, SK, None, None, clock=lambda: NOW)  # type: ignore[arg-type]
     commit = commit_for("pf")
-    stage.assess(request(), portfolio_state("1000000", TradingState.HALTED), {"BTC/USDT": D("60000")}, commit)
+    stage.assess(request(), portfolio_state("1000000", TradingState.HALTED), {"BTC/USDT": D("60000")}, CATALOGUE, commit)
     assert commit.outputs[0].payload.reason_code == "TRADING_HALTED"
     assert DEFAULT_LIMITS.to_limits().max_orders_per_window > 0
+
+
+def test_risk_stage_when_catalogue_does_not_list_the_symbol_rejects_unknown_symbol() -> None:
+    stage = RiskStage(None, SK, None, None, clock=lambda: NOW)  # type: ignore[arg-type]
+    commit = commit_for("pf")
+    only_eth = combine_markets({"paper": {"ETH/USDT": DEFAULT_MARKETS["ETH/USDT"]}})
+    stage.assess(request(), portfolio_state("1000000"), {"BTC/USDT": D("60000")}, only_eth, commit)
+    assert commit.outputs[0].payload.reason_code == "UNKNOWN_SYMBOL"
+
+
+class _NoCatalogue:
+    async def current(self) -> None:
+        return None
+
+
+async def test_risk_stage_when_no_catalogue_yet_holds_requests_as_unavailable_and_decides_nothing() -> None:
+    stage = RiskStage(None, SK, None, _NoCatalogue(), clock=lambda: NOW)  # type: ignore[arg-type]
+    commit = commit_for("pf")
+    with pytest.raises(Unavailable):
+        await stage.handle([(request(), commit)])
+    assert not commit.outputs and not commit.writes
 
 
 def test_portfolio_stage_when_fills_applied_moves_position_and_balances() -> None:
