@@ -1,18 +1,19 @@
 """Portfolios through the admin API: the record (limits, trading state), the balances the
-paper venues fund it from, and what a client reads back (positions with unrealized PnL)."""
+paper venues fund it from, and what a client reads back (positions with unrealized PnL).
+
+The writes are the intake's (``services.intake.portfolios.PortfolioBook``, which the
+workflows share); this module builds the record from the request, answers the book's domain
+errors as problems (``problem_of``) and returns the views."""
 
 from __future__ import annotations
 
-
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 
-from services.core.bus import Bus, with_trace
-from services.core.codec import encode
-from services.core.events import Event, EventType, PortfolioUpdated, utcnow
+from services.core.bus import Bus
+from services.core.events import utcnow
 from services.core.hotstate import (
     DEFAULT_LIMITS,
     LimitsRecord,
@@ -20,7 +21,6 @@ from services.core.hotstate import (
     PositionRecord,
     StateKeys,
     decode_balances,
-    dump,
     load,
 )
 from services.gateway.models import (
@@ -32,35 +32,12 @@ from services.gateway.models import (
     PositionView,
     positive_decimal,
 )
-from services.gateway.problems import Problem
+from services.gateway.problems import problem_of
+from services.intake import IntakeError
+from services.intake.portfolios import BALANCE_READERS, PortfolioBook
 from services.trading import TradingState
 
 __all__ = ["BALANCE_READERS", "Portfolios"]
-
-BALANCE_READERS = ("portfolio", "risk")
-"""The stages whose commits depend on the balances they read: an admin write of the balances
-moves their state version, so a batch that read the old balances is refused and redone rather
-than writing over the new ones (the portfolio stage writes balances it computed from them)."""
-
-_PUT_LUA = """
--- KEYS: portfolio, balances, portfolio.updated stream, then the state versions of the stages
---       that read the balances (one slot)
--- ARGV: expected current record ('' if none), new record, event, replace balances ('1'/'0'),
---       then asset, amount, ...
--- returns 0 created, 1 updated, -1 the record changed meanwhile (retry)
-local cur = redis.call('GET', KEYS[1])
-if (cur or '') ~= ARGV[1] then return -1 end
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[4] == '1' then
-  redis.call('DEL', KEYS[2])
-  if #ARGV > 4 then redis.call('HSET', KEYS[2], unpack(ARGV, 5)) end
-  -- a stage batch that read the old balances cannot commit over the new ones: it is redone
-  for i = 4, #KEYS do redis.call('INCR', KEYS[i]) end
-end
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[3])
-if cur then return 1 end
-return 0
-"""
 
 
 def _limits(current: LimitsRecord, body: LimitsBody | None) -> LimitsRecord:
@@ -91,7 +68,7 @@ class Portfolios:
         self.bus = bus
         self.redis = bus.redis
         self.state = StateKeys(bus.keys)
-        self._put: Callable[..., Awaitable[Any]] = bus.redis.register_script(_PUT_LUA)
+        self.book = PortfolioBook(bus)
 
     async def record(self, portfolio_id: str) -> PortfolioRecord | None:
         raw: Any = await self.redis.get(self.state.portfolio(portfolio_id))
@@ -102,11 +79,10 @@ class Portfolios:
         balances = {asset: positive_decimal(v, f"balances.{asset}", allow_zero=True) for asset, v in body.balances.items()}
         if body.limits is not None:
             _limits(DEFAULT_LIMITS, body.limits)  # 422 before anything is read or written
-        for _ in range(10):
-            raw: Any = await self.redis.get(self.state.portfolio(portfolio_id))
-            current = load(PortfolioRecord, raw) if raw else None
+
+        def record_of(current: PortfolioRecord | None) -> PortfolioRecord:
             now = utcnow()
-            record = PortfolioRecord(
+            return PortfolioRecord(
                 portfolio_id=portfolio_id,
                 base_currency=body.base_currency,
                 limits=_limits(current.limits if current else DEFAULT_LIMITS, body.limits),
@@ -114,22 +90,19 @@ class Portfolios:
                 created_at=current.created_at if current else now,
                 updated_at=now,
             )
-            outcome = await self._write(portfolio_id, raw or b"", record, balances, replace=True)
-            if outcome >= 0:
-                return outcome == 0, self._view(record, balances)
-        raise Problem(409, "concurrent_update", "the portfolio kept changing; try again")
+
+        try:
+            created, record = await self.book.put(portfolio_id, record_of, balances)
+        except IntakeError as exc:
+            raise problem_of(exc) from None
+        return created, self._view(record, balances)
 
     async def set_trading_state(self, portfolio_id: str, state: TradingState) -> PortfolioView:
-        for _ in range(10):
-            raw: Any = await self.redis.get(self.state.portfolio(portfolio_id))
-            if not raw:
-                raise Problem(404, "portfolio_not_found", f"portfolio {portfolio_id} does not exist")
-            current = load(PortfolioRecord, raw)
-            record = msgspec.structs.replace(current, trading_state=state, updated_at=utcnow())
-            balances = decode_balances(await self.redis.hgetall(self.state.balances(portfolio_id)))
-            if await self._write(portfolio_id, raw, record, balances, replace=False) >= 0:
-                return self._view(record, balances)
-        raise Problem(409, "concurrent_update", "the portfolio kept changing; try again")
+        try:
+            record, balances = await self.book.set_trading_state(portfolio_id, state)
+        except IntakeError as exc:
+            raise problem_of(exc) from None
+        return self._view(record, balances)
 
     async def get(self, portfolio_id: str) -> PortfolioView | None:
         record = await self.record(portfolio_id)
@@ -155,25 +128,6 @@ class Portfolios:
                 mark=mark, updated_at=record.updated_at,
             ))
         return PositionsView(portfolio_id=portfolio_id, positions=out)
-
-    async def _write(
-        self, portfolio_id: str, expected: bytes, record: PortfolioRecord, balances: dict[str, Decimal], *, replace: bool
-    ) -> int:
-        event = Event.new(
-            PortfolioUpdated(balances=balances, trading_state=record.trading_state),
-            portfolio_id=portfolio_id, metadata={"source": "api"},
-        )
-        keys = self.bus.keys
-        shard = keys.shard_of(portfolio_id)
-        pairs = [x for asset, amount in balances.items() for x in (asset, str(amount))] if replace else []
-        return int(await self._put(
-            keys=[
-                self.state.portfolio(portfolio_id), self.state.balances(portfolio_id),
-                keys.stream(shard, EventType.PORTFOLIO_UPDATED),
-                *(keys.version(shard, group) for group in BALANCE_READERS),
-            ],
-            args=[expected, dump(record), encode(with_trace(event)), "1" if replace else "0", *pairs],
-        ))
 
     @staticmethod
     def _view(record: PortfolioRecord, balances: dict[str, Decimal]) -> PortfolioView:

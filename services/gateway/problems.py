@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from services.intake.errors import (
     ClientOrderIdConflict,
+    ConcurrentUpdate,
     EventStoreUnavailable,
     IntakeError,
     InvalidOrder,
@@ -69,12 +70,16 @@ def problem_of(exc: IntakeError) -> Problem:
         return Problem.invalid(exc.field, exc.message)
     if isinstance(exc, PortfolioNotFound):
         p = exc.portfolio_id
+        if not exc.for_order:
+            return Problem(404, "portfolio_not_found", f"portfolio {p} does not exist")
         return Problem(404, "portfolio_not_found", f"portfolio {p} does not exist (create it with PUT /v1/portfolios/{p})")
     if isinstance(exc, ClientOrderIdConflict):
         return Problem(
             409, "client_order_id_conflict",
             f"client_order_id {exc.client_order_id} was already used for a different order",
         )
+    if isinstance(exc, ConcurrentUpdate):
+        return Problem(409, "concurrent_update", "the portfolio kept changing; try again")
     if isinstance(exc, EventStoreUnavailable):
         return Problem(503, "event_store_unavailable", exc.detail)
     raise TypeError(f"no problem for {type(exc).__name__}") from exc

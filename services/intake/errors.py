@@ -1,4 +1,5 @@
-"""What can go wrong when an order is accepted or looked up, as domain errors.
+"""What can go wrong when an order is accepted or looked up, or a portfolio record written
+(``services.intake.portfolios``), as domain errors.
 
 Each carries what a caller needs to answer for it; the gateway turns them into its problem
 documents in one place (``services.gateway.problems.problem_of``), the workflows catch them
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClientOrderIdConflict",
+    "ConcurrentUpdate",
     "EventStoreUnavailable",
     "IntakeError",
     "InvalidOrder",
@@ -30,11 +32,13 @@ class InvalidOrder(IntakeError):
 
 
 class PortfolioNotFound(IntakeError):
-    """The order names a portfolio that does not exist. Nothing was written."""
+    """The order (``for_order``), or a write of the portfolio's record such as its trading
+    state, names a portfolio that does not exist. Nothing was written."""
 
-    def __init__(self, portfolio_id: str) -> None:
+    def __init__(self, portfolio_id: str, *, for_order: bool = True) -> None:
         super().__init__(f"portfolio {portfolio_id} does not exist")
         self.portfolio_id = portfolio_id
+        self.for_order = for_order
 
 
 class ClientOrderIdConflict(IntakeError):
@@ -44,6 +48,15 @@ class ClientOrderIdConflict(IntakeError):
     def __init__(self, client_order_id: str) -> None:
         super().__init__(f"client_order_id {client_order_id} was already used for a different order")
         self.client_order_id = client_order_id
+
+
+class ConcurrentUpdate(IntakeError):
+    """A portfolio's record kept changing while it was being written: every compare-and-set
+    lost to another write. Nothing was written; the same write again may succeed."""
+
+    def __init__(self, portfolio_id: str) -> None:
+        super().__init__(f"portfolio {portfolio_id} kept changing")
+        self.portfolio_id = portfolio_id
 
 
 class EventStoreUnavailable(IntakeError):

@@ -1,5 +1,5 @@
 """The intake's domain errors, and the problem documents the gateway answers them with (the
-same as when the intake raised them as problems itself)."""
+same as when the intake, or the gateway's portfolio writes, raised them as problems itself)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from services.gateway.problems import FieldError, from_problem, problem_of
 from services.intake import (
     ClientOrderIdConflict,
+    ConcurrentUpdate,
     EventStoreUnavailable,
     IntakeError,
     InvalidOrder,
@@ -57,6 +58,8 @@ def test_validate_when_the_terms_are_valid_returns_quantity_and_price() -> None:
          "price: is required for limit orders", [{"field": "price", "message": "is required for limit orders"}]),
         (PortfolioNotFound("pf-9"), 404, "portfolio_not_found",
          "portfolio pf-9 does not exist (create it with PUT /v1/portfolios/pf-9)", None),
+        (PortfolioNotFound("pf-9", for_order=False), 404, "portfolio_not_found", "portfolio pf-9 does not exist", None),
+        (ConcurrentUpdate("pf-9"), 409, "concurrent_update", "the portfolio kept changing; try again", None),
         (ClientOrderIdConflict("c-1"), 409, "client_order_id_conflict",
          "client_order_id c-1 was already used for a different order", None),
         (EventStoreUnavailable("the event store cannot be queried"), 503, "event_store_unavailable",
