@@ -32,7 +32,7 @@ from services.core.hotstate import PortfolioRecord, decode_balances, load
 from services.core.marks import Marks
 from services.core.redisconn import scan_keys
 from services.core.telemetry import get_logger
-from services.gateway.portfolios import Portfolios
+from services.intake import PortfolioBook
 from services.trading import TradingState
 from services.trading.money import ZERO, money_context
 from services.workflows.contracts import MARKET_DATA, RISK_MONITOR
@@ -85,7 +85,7 @@ async def _monitor_one(deps: Deps, run_id: str, pid: str, marks: dict[str, Decim
     out: dict[str, Any] = {"portfolio_id": pid, "equity": str(value), "peak": str(peak), "drawdown": str(drawdown),
            "gross_exposure": str(gross), "state": str(record.trading_state)}
     if _SEVERITY[action] > _SEVERITY[record.trading_state]:
-        await Portfolios(deps.bus).set_trading_state(pid, action)
+        await PortfolioBook(deps.bus).set_trading_state(pid, action)
         origin = derive_event_id(run_id, f"{RISK_MONITOR}:{pid}")
         await deps.bus.publish(Event.new(
             RiskBreached(rule="max_drawdown", value=drawdown, limit=limit, action=action,

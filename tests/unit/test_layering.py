@@ -14,6 +14,9 @@ SERVICES = Path(__file__).resolve().parents[2] / "services"
 
 VOCABULARY = {"Side", "OrderType", "TimeInForce", "Liquidity", "TradingState", "VenueQuote", "Instrument"}
 
+BELOW_THE_GATEWAY = ("workflows", "intake")
+"""Packages the gateway builds on: they raise domain errors, not the gateway's HTTP problems,
+and import nothing of the gateway (issue 15 item 3)."""
 
 
 def modules(under: Path) -> Iterator[tuple[str, bool, ast.Module]]:
@@ -49,6 +52,18 @@ def test_trading_when_scanned_imports_nothing_of_ours_from_outside_it() -> None:
             if full.split(".")[0] == "services" and full.split(".")[:2] != ["services", "trading"]:
                 outside.add(f"{name}:{line} imports {full}")
     assert sorted(outside) == []
+
+
+def test_workflows_and_intake_when_scanned_import_nothing_of_the_gateway() -> None:
+    arrows: set[str] = set()
+    for package in BELOW_THE_GATEWAY:
+        for name, is_package, tree in modules(SERVICES / package):
+            for target, what, line in imported(name, is_package, tree):
+                # ``from services import gateway`` names the gateway too
+                full = f"{target}.{what}" if target == "services" else target
+                if full.split(".")[:2] == ["services", "gateway"]:
+                    arrows.add(f"{name}:{line} imports {full}")
+    assert sorted(arrows) == []
 
 
 def test_vocabulary_when_imported_comes_from_services_trading_not_events() -> None:
