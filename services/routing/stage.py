@@ -61,7 +61,7 @@ from services.core.events import (
     derive_event_id,
     utcnow,
 )
-from services.core.hotstate import RestingOrder, StateKeys, StateReader, dump, load
+from services.core.hotstate import RestingOrder, StateKeys, StateReader, dump, load, pairs
 from services.core.marks import Marks
 from services.core.replication import NotReplicated, ReplicaWait, run_replicated
 from services.core.telemetry import consumer_span, get_logger
@@ -570,11 +570,15 @@ class RoutingStage:
                     venue.set_price(symbol, mark)
 
     async def _follow_shard(self, bus: Bus, shard: int) -> int | None:
-        version = await bus.state_version(GROUP, shard)
-        raw: dict[Any, bytes] = await self.redis.hgetall(self.sk.resting_in_shard(shard))
-        if not raw:
+        # the state version and the resting orders in one read (one slot): the version is
+        # what ``apply`` checks, so a commit after this read refuses this pass's
+        version_raw, flat = await bus.read_state(
+            [("GET", bus.keys.version(shard, GROUP)), ("HGETALL", self.sk.resting_in_shard(shard))]
+        )
+        if not flat:
             return 0
-        orders = sorted((load(RestingOrder, v) for v in raw.values()), key=lambda r: r.since)
+        version = version_raw.decode() if isinstance(version_raw, bytes) else str(version_raw or "0")
+        orders = sorted((load(RestingOrder, v) for v in pairs(flat).values()), key=lambda r: r.since)
         commit = Commit(self.sk.keys, shard)
         seen: list[str] = []
         for resting in await self._changed(orders):
